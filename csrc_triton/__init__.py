@@ -1,0 +1,1 @@
+"""Triton kernels (quantize-and-store, paged attention) and their PyTorch twins."""

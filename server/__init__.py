@@ -1,0 +1,1 @@
+"""OpenAI-compatible server on vLLM's async engine."""
