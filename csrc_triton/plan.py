@@ -1,0 +1,86 @@
+"""The per-step plan shared by the store and attention kernels (built once per step, used by every layer).
+
+A step computes, for each request ``r``, ``q_len_r`` new tokens (rows ``query_start_loc[r]`` to
+``query_start_loc[r+1]`` of the flat ``query/key/value`` arrays) after ``past_len_r`` tokens already cached.
+Whole blocks of ``B`` tokens live quantized in pages (``block_table[r, j]`` is the page of tokens
+``j*B .. j*B+B-1``); the newest ``past_len_r % B`` tokens wait at full precision in the request's tail slot
+``tail_slot[r]`` (``tail_k/tail_v[slot, head, pos % B]``).
+
+Attention reads the cache as it was *before* the step (past-only) plus the chunk itself; the store runs after
+it, in two launches: first every block that this step completes is quantized (its first ``full_tail_count``
+tokens come from the tail, the rest from the step's rows), then the rows that remain in a partial block are
+written to the tail. The order matters because a completed block's tail slot is reused by the next block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepPlan:
+    block_size: int
+    query_start_loc: torch.Tensor  # int32 [R+1]
+    past_lens: torch.Tensor  # int32 [R]
+    block_table: torch.Tensor  # int32 [R, max_blocks]
+    tail_slot: torch.Tensor  # int32 [R]
+    # store: blocks completed this step
+    full_block_ids: torch.Tensor  # int32 [NF]
+    full_tail_slot: torch.Tensor  # int32 [NF]
+    full_tail_count: torch.Tensor  # int32 [NF] tokens of the block taken from the tail
+    full_row_start: torch.Tensor  # int32 [NF] row of the block's first new token
+    # store: rows that stay in the tail
+    tail_rows: torch.Tensor  # int32 [NT]
+    tail_dst: torch.Tensor  # int32 [NT] slot * B + position in block
+    max_query_len: int
+    max_past_len: int
+
+    @property
+    def num_reqs(self) -> int:
+        return self.past_lens.shape[0]
+
+
+def build_step_plan(
+    query_start_loc: torch.Tensor,
+    past_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    tail_slot: torch.Tensor,
+    block_size: int,
+) -> StepPlan:
+    """Derive the store plan from the batch description (vectorized; on the batch's device)."""
+    B = block_size
+    qsl = query_start_loc.long()
+    past = past_lens.long()
+    q_lens = qsl[1:] - qsl[:-1]
+    req = torch.repeat_interleave(torch.arange(q_lens.numel(), device=qsl.device), q_lens)
+    rows = torch.arange(int(qsl[-1]), device=qsl.device)
+    pos = past[req] + rows - qsl[req]
+    seq_after = past + q_lens
+
+    completes = pos % B == B - 1
+    f_req, f_blk = req[completes], pos[completes] // B
+    first_pos = torch.maximum(f_blk * B, past[f_req])
+    full_ids = block_table.long()[f_req, f_blk]
+
+    stays = pos >= (seq_after[req] // B) * B
+    t_rows = rows[stays]
+    t_dst = tail_slot.long()[req[stays]] * B + pos[stays] % B
+
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return StepPlan(
+        block_size=B,
+        query_start_loc=i32(qsl),
+        past_lens=i32(past),
+        block_table=i32(block_table),
+        tail_slot=i32(tail_slot),
+        full_block_ids=i32(full_ids),
+        full_tail_slot=i32(tail_slot.long()[f_req]),
+        full_tail_count=i32(past[f_req] - f_blk * B).clamp_(min=0),
+        full_row_start=i32(qsl[f_req] + first_pos - past[f_req]),
+        tail_rows=i32(t_rows),
+        tail_dst=i32(t_dst),
+        max_query_len=int(q_lens.max()) if q_lens.numel() else 0,
+        max_past_len=int(past.max()) if past.numel() else 0,
+    )
