@@ -178,7 +178,8 @@ def preset_fields(name: str, num_layers: int) -> dict[str, Any]:
     table: dict[str, dict[str, Any]] = {
         "kivi-4": dict(k_bits_high=4, v_bits_high=4, k_high_layers=L, v_high_layers=L, **no_eta),
         "kivi-2": dict(k_bits_high=2, v_bits_high=2, k_high_layers=L, v_high_layers=L, **no_eta),
-        "asymkv-1.5": dict(low_bits_xquant, **no_eta),
+        # No sharing, so no pair constraint: exactly half the (layer, tensor) slots at 2 bits, keys first.
+        "asymkv-1.5": dict(low_bits_xquant, k_high_layers=math.ceil(L / 2), v_high_layers=L // 2, **no_eta),
         "xquant": dict(low_bits_xquant, k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(3 * L / 4)),
         "xquant-1.25": dict(low_bits_xquant, k_share_from=math.ceil(L / 2), v_share_from=math.ceil(L / 2)),
         # Capacity preset (spec section 9): metadata is the bottleneck, so larger groups and 8-bit min/max.
@@ -203,6 +204,9 @@ def make_config(
     fields.update(overrides or {})
     if "preset" in (overrides or {}):
         raise ValueError("overrides: 'preset' cannot be overridden; pass it as the preset argument")
+    for key in ("num_layers", "head_size"):
+        if key in (overrides or {}):
+            raise ValueError(f"overrides: {key!r} cannot be overridden; it comes from the model")
     return QuantConfig(preset=preset, num_layers=num_layers, head_size=head_size, **fields)
 
 
