@@ -18,8 +18,9 @@ The exact fp32 operations, in order (a kernel that follows them gets the same bi
     x_hat   = q * s_cal + z_cal                            # s_cal, z_cal as stored (16-bit: model dtype)
 
 8-bit metadata decodes ``step = (hi - lo) / 255``, ``mn = lo + min_q * step``, ``mx = lo + max_q * step``
-first, and quantizes against that decoded range. ``lo`` is the least group min; ``hi`` is the greatest group
-max raised by whole fp32 ulps (``nextafter``) until ``lo + 255 * step >= max``, so code 255 covers it too.
+first, and quantizes against that decoded range. ``lo`` / ``hi`` are the least group min and the greatest
+group max; code 255 decodes to ``hi`` itself (``lo + 255 * step`` can land an ulp below it in fp32), so the
+decoded range of every group covers the group.
 """
 
 from __future__ import annotations
@@ -55,27 +56,13 @@ def _range_of(mn: torch.Tensor, mx: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _decode_minmax(meta: GroupMeta) -> tuple[torch.Tensor, torch.Tensor]:
     step = ((meta.hi - meta.lo) / _f32(255.0)).unsqueeze(-1)
-    lo = meta.lo.unsqueeze(-1)
-    return lo + meta.min_q.float() * step, lo + meta.max_q.float() * step
-
-
-def _super_range(mn: torch.Tensor, mx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[lo, hi]`` over the groups, ``hi`` raised by whole ulps until code 255 decodes to at least the max.
-
-    In fp32 ``lo + 255 * ((hi - lo) / 255)`` often lands an ulp or more below ``hi``; without the raise the
-    largest group's max would not be covered and its top codes would be clipped.
-    """
-    lo, top = mn.amin(dim=-1), mx.amax(dim=-1)
-    hi, up = top, torch.full_like(top, float("inf"))
-    while True:
-        short = lo + _f32(255.0) * ((hi - lo) / _f32(255.0)) < top
-        if not bool(short.any()):
-            return lo, hi
-        hi = torch.where(short, torch.nextafter(hi, up), hi)
+    lo, hi = meta.lo.unsqueeze(-1), meta.hi.unsqueeze(-1)
+    mx = torch.where(meta.max_q == 255, hi, lo + meta.max_q.float() * step)
+    return lo + meta.min_q.float() * step, mx
 
 
 def _encode_minmax(mn: torch.Tensor, mx: torch.Tensor) -> GroupMeta:
-    lo, hi = _super_range(mn, mx)
+    lo, hi = mn.amin(dim=-1), mx.amax(dim=-1)
     step = ((hi - lo) / _f32(255.0)).unsqueeze(-1)
     safe = torch.where(step > 0, step, torch.ones_like(step))
     min_q = torch.floor((mn - lo.unsqueeze(-1)) / safe).clamp(0, 255)
