@@ -1,1 +1,79 @@
-"""Triton kernels (quantize-and-store, paged attention) and their PyTorch twins."""
+"""Quantize-and-store and paged attention over the quantized cache: Triton kernels and their PyTorch twins.
+
+``store_kv`` and ``paged_attention`` pick the implementation from the device of the page tensor, once per
+device type: Triton on CUDA, PyTorch elsewhere; the choice is logged once. The per-step batch description
+shared by both is :class:`StepPlan` (built by :func:`build_step_plan`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from xquant_vllm.config import LayerQuant
+from xquant_vllm.layout import PageLayout
+
+from .plan import StepPlan, build_step_plan
+from .torch_ops import paged_attention_torch, store_kv_torch
+
+__all__ = ["StepPlan", "build_step_plan", "paged_attention", "store_kv"]
+
+logger = logging.getLogger("xquant_vllm.kernels")
+
+
+class _Impl(NamedTuple):
+    name: str
+    store_kv: Callable[..., None]
+    paged_attention: Callable[..., None]
+
+
+@functools.cache
+def _impl(device_type: str) -> _Impl:
+    if device_type == "cuda":
+        from .attention import paged_attention_triton
+        from .store import store_kv_triton
+
+        impl = _Impl("triton", store_kv_triton, paged_attention_triton)
+    else:
+        impl = _Impl("torch", store_kv_torch, paged_attention_torch)
+    logger.info("xquant kernels on %s: %s implementation", device_type, impl.name)
+    return impl
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pages: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    plan: StepPlan,
+    lq: LayerQuant,
+    layout: PageLayout,
+) -> None:
+    """Quantize the blocks this step completes into ``pages``; write the rows left over into the tail."""
+    _impl(pages.device.type).store_kv(key, value, pages, tail_k, tail_v, plan, lq, layout)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pages: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    plan: StepPlan,
+    lq: LayerQuant,
+    layout: PageLayout,
+    scale: float,
+    out: torch.Tensor,
+    lower_pages: torch.Tensor | None = None,
+    lower_layout: PageLayout | None = None,
+) -> None:
+    """Past-only attention of this step's rows over the quantized pages, the tail and the chunk; fills ``out``."""
+    _impl(pages.device.type).paged_attention(
+        query, key, value, pages, tail_k, tail_v, plan, lq, layout, scale, out, lower_pages, lower_layout
+    )
