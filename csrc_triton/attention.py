@@ -1,0 +1,335 @@
+"""Paged attention that dequantizes pages inside the kernel (decode, prefill and chunked prefill in one kernel).
+
+One program handles one request, one KV head, a tile of ``QT`` query tokens and one split of the context.
+Its ``M`` rows are (token, query head) pairs: all ``G`` query heads of the KV head share every loaded page
+(GQA). It walks the request's whole blocks in its split, ``NB`` pages (``N = NB * B`` tokens) per step, then
+(last split only) the partial block and the step's own tokens, causally, with an fp32 online softmax in base
+2. With more than one split, each writes an unnormalized partial and ``_combine_kernel`` merges them
+(flash-decoding).
+
+Per step the codes of ``NB`` pages are unpacked and dequantized in registers, in fp16 (``dequant.key_tile``,
+``dequant.value_tile``), and feed two fp16 MMAs with fp32 accumulation: scores ``q @ K^T`` and ``p @ V``. Keys
+are not folded into the query (``q . k = sum_d (q_d s_d) c_dt + sum_d q_d z_d`` per page): a tile that spans
+pages would then need one MMA per page, to save one packed fp16 multiply-add per two codes (about 3% of the
+step's instructions in the sm_90 SASS). fp16 holds the codes exactly and keeps 3 more mantissa bits than the
+bf16 the reference rounds its dequantized cache to.
+
+``FP_PAGES`` turns the same kernel into the full-precision baseline: pages are then ``[num_blocks, H, B, D]``
+tensors of keys and values in the model dtype (the tail's layout), read by the same loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from xquant_vllm.config import LayerQuant
+from xquant_vllm.layout import PageLayout
+
+from .dequant import key_tile, value_tile
+from .plan import StepPlan
+
+LOG2E = 1.4426950408889634
+MIN_BLOCKS_PER_SPLIT = 8  # below this a split's fixed cost outweighs the parallelism it adds
+TILE_TOKENS = 128  # tokens (pages) per loop step: the loads in flight per program
+MAX_TILE_ELEMENTS = 128 * 128  # tokens x head size of one step (registers and shared memory)
+
+
+@triton.jit
+def _online_update(s, m_i, l_i):
+    """Softmax bookkeeping for one tile of base-2 scores ``s`` [M, N] (masked entries -inf)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN from -inf - -inf
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, col_ok, qk_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
+    """Attend to full-precision keys/values whose rows start at ``k_rows``/``v_rows`` [N] (tail, chunk, fp page).
+
+    ``col_ok`` [M, N] masks keys out (invalid rows, or causally). The dots run in the model dtype, or in fp32
+    with ``DOT_F32`` (Triton 3.9's interpreter computes bf16 dots wrongly).
+    """
+    d = tl.arange(0, D)
+    rows_ok = tl.max(col_ok.to(tl.int32), 0) > 0
+    k = tl.load(k_rows[None, :] + d[:, None], mask=rows_ok[None, :], other=0.0)
+    if DOT_F32:
+        q, k = q.to(tl.float32), k.to(tl.float32)
+    s = tl.where(col_ok, tl.dot(q, k) * qk_scale, float("-inf"))
+    p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
+    v = tl.load(v_rows[:, None] + d[None, :], mask=rows_ok[:, None], other=0.0)
+    if DOT_F32:
+        v = v.to(tl.float32)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, q_sr, q_sh, k_ptr, v_ptr, kv_sr, kv_sh, out_ptr, o_sr, o_sh,
+    part_ptr, ml_ptr, num_splits,
+    kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
+    kc_off, vc_off, km_off, vm_off, sup_off,
+    tail_k_ptr, tail_v_ptr,
+    qsl_ptr, past_ptr, bt_ptr, bt_stride, slot_ptr,
+    qk_scale, k_eta, k_ome, v_eta, v_ome,
+    n_qtiles, blocks_per_split,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QT: tl.constexpr, M: tl.constexpr,
+    D: tl.constexpr, B: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, META_BITS: tl.constexpr,
+    FP_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) // n_qtiles
+    q_start = tl.load(qsl_ptr + r)
+    row0 = q_start + (tl.program_id(0) % n_qtiles) * QT
+    q_end = tl.load(qsl_ptr + r + 1)
+    if row0 >= q_end:
+        return
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    DTYPE: tl.constexpr = tail_k_ptr.dtype.element_ty
+
+    i = tl.arange(0, M)
+    row = row0 + i // GP
+    head = h * G + i % GP
+    row_ok = (i % GP < G) & (i // GP < QT) & (row < q_end)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + row[:, None] * q_sr + head[:, None] * q_sh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q16 = (q.to(tl.float32) * qk_scale).to(tl.float16)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+
+    # Whole blocks of this split, NB pages (N tokens) per step: token n is row n % B of block j0 + n // B.
+    past = tl.load(past_ptr + r)
+    n_full = past // B
+    N: tl.constexpr = NB * B
+    n = tl.arange(0, N)
+    pos = n % B
+    table = bt_ptr + r * bt_stride
+    j_lo = split * blocks_per_split
+    j_hi = tl.minimum(n_full, j_lo + blocks_per_split)
+    for j0 in range(j_lo, j_hi, NB):
+        tok_ok = j0 + n // B < j_hi
+        blk = tl.load(table + j0 + n // B, mask=tok_ok, other=0).to(tl.int64)
+        ok = row_ok[:, None] & tok_ok[None, :]
+        if FP_PAGES:
+            k_rows = kc_ptr + blk * kc_sb + h * kc_sh + pos * D
+            v_rows = vc_ptr + blk * vc_sb + h * vc_sh + pos * D
+            acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, ok, qk_scale, D, DOT_F32)
+        else:
+            WORDS: tl.constexpr = (B * K_BITS + 31) // 32  # words per key code row
+            c = tl.arange(0, NB * WORDS)
+            blk_c = tl.load(table + j0 + c // WORDS, mask=j0 + c // WORDS < j_hi, other=0).to(tl.int64)
+            blk_b = tl.load(table + j0 + tl.arange(0, NB), mask=j0 + tl.arange(0, NB) < j_hi, other=0).to(tl.int64)
+            k = key_tile(
+                kc_ptr + blk_c * kc_sb + h * kc_sh, meta_ptr + blk_b * m_sb + h * m_sh, kc_off, km_off, sup_off,
+                D, B, NB, K_BITS, k_eta, k_ome, META_BITS, DTYPE,
+            )  # fmt: skip
+            s = tl.where(ok, tl.dot(q16, k), float("-inf"))
+            p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
+            v = value_tile(
+                vc_ptr + blk * vc_sb + h * vc_sh, meta_ptr + blk * m_sb + h * m_sh, pos, vc_off, vm_off, sup_off,
+                D, B, NV, V_BITS, v_eta, v_ome, META_BITS, DTYPE,
+            )  # fmt: skip
+            v = tl.where(tok_ok[:, None], v, 0.0)  # pages past the split's end: p is 0, but 0 * NaN is not
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+
+    # The last split also reads the partial block and the step's own tokens (causal), B rows at a time.
+    last = split == num_splits - 1
+    n_part = tl.where(last, past - n_full * B, 0)
+    t = tl.arange(0, B)
+    if FP_PAGES:
+        part_blk = tl.load(table + n_full, mask=n_part > 0, other=0).to(tl.int64)
+        pk = kc_ptr + part_blk * kc_sb + h * kc_sh
+        pv = vc_ptr + part_blk * vc_sb + h * vc_sh
+    else:
+        slot = tl.load(slot_ptr + r).to(tl.int64)
+        pk = tail_k_ptr + (slot * H + h) * B * D
+        pv = tail_v_ptr + (slot * H + h) * B * D
+    for _ in range(0, n_part, B):
+        ok = row_ok[:, None] & (t[None, :] < n_part)
+        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, pk + t * D, pv + t * D, ok, qk_scale, D, DOT_F32)
+
+    my_chunk_pos = row - q_start  # query row's index within the chunk = the keys it may see
+    c_hi = tl.where(last, tl.minimum(q_end, row0 + QT) - q_start, 0)
+    for c0 in range(0, c_hi, B):
+        ok = row_ok[:, None] & (c0 + t[None, :] <= my_chunk_pos[:, None])
+        rows = (q_start + c0 + t).to(tl.int64) * kv_sr + h * kv_sh
+        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_ptr + rows, v_ptr + rows, ok, qk_scale, D, DOT_F32)
+
+    if SPLIT:
+        at = (row.to(tl.int64) * (H * G) + head) * num_splits + split
+        tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(ml_ptr + at * 2, m_i, mask=row_ok)
+        tl.store(ml_ptr + at * 2 + 1, l_i, mask=row_ok)
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only on padding rows, never stored
+        o_ptr = out_ptr + row[:, None] * o_sr + head[:, None] * o_sh + d[None, :]
+        tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, ml_ptr, out_ptr, o_sr, o_sh, num_splits, HQ: tl.constexpr, SP: tl.constexpr, D: tl.constexpr
+):
+    """Merge the splits' partials of one (row, query head): rescale each by ``2^(m_s - max m)``."""
+    row = tl.program_id(0).to(tl.int64)
+    hq = tl.program_id(1)
+    s = tl.arange(0, SP)
+    ok = s < num_splits
+    at = (row * HQ + hq) * num_splits + s
+    m = tl.load(ml_ptr + at * 2, mask=ok, other=float("-inf"))
+    lsum = tl.load(ml_ptr + at * 2 + 1, mask=ok, other=0.0)
+    w = tl.math.exp2(m - tl.max(m, 0))
+    w = tl.where(ok & (m > float("-inf")), w, 0.0)
+    d = tl.arange(0, D)
+    acc = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
+    tl.store(out_ptr + row * o_sr + hq * o_sh + d, o.to(out_ptr.dtype.element_ty))
+
+
+def _pick_splits(plan: StepPlan, work: int, device: torch.device) -> int:
+    """Split the context only when the batch alone leaves the GPU idle (decode on long contexts)."""
+    blocks = plan.max_past_len // plan.block_size
+    if plan.max_query_len > 1 or blocks < 2 * MIN_BLOCKS_PER_SPLIT:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(blocks // MIN_BLOCKS_PER_SPLIT, -(-4 * sms // work)))
+
+
+def _check_common(query: torch.Tensor, key: torch.Tensor, out: torch.Tensor, block: int, plan: StepPlan) -> None:
+    D = query.shape[-1]
+    if D not in (64, 128, 256):
+        raise ValueError(f"head_size={D}: the kernels support 64, 128 and 256")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"k_group={block}: the kernels need a power of two >= 16 (block = key group)")
+    if plan.block_size != block:
+        raise ValueError(f"plan.block_size={plan.block_size} differs from the layout's block {block}")
+    if query.shape[1] % key.shape[1]:
+        raise ValueError(f"query heads {query.shape[1]} is not a multiple of KV heads {key.shape[1]}")
+    for name, x in (("query", query), ("key", key), ("out", out)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}: channels must be contiguous (stride {x.stride(-1)})")
+
+
+def _launch(
+    query, key, value, out, plan, scale, block, fp_pages, kc, vc, meta, offsets, tail_k, tail_v, bits, etas, num_splits,
+    tile_tokens,
+) -> None:  # fmt: skip
+    T, HQ, D = query.shape
+    H = key.shape[1]
+    G = HQ // H
+    GP = triton.next_power_of_2(G)
+    R = plan.num_reqs
+    QT = 1 if plan.max_query_len <= 1 else max(1, min(64 // GP, triton.next_power_of_2(plan.max_query_len)))
+    M = max(16, QT * GP)
+    n_qtiles = max(1, -(-plan.max_query_len // QT))
+    tokens = min(tile_tokens or TILE_TOKENS, MAX_TILE_ELEMENTS // D)  # the dequantized tile lives in registers
+    NB = max(1, tokens // block)
+    blocks = plan.max_past_len // block
+    S = num_splits or _pick_splits(plan, R * H * n_qtiles, query.device)
+    blocks_per_split = -(-max(1, -(-blocks // S)) // NB) * NB  # whole tiles per split
+    S = max(1, -(-blocks // blocks_per_split))
+    if R == 0 or T == 0:
+        return
+    if S > 1:
+        part = torch.empty(T, HQ, S, D, dtype=torch.float32, device=query.device)
+        ml = torch.empty(T, HQ, S, 2, dtype=torch.float32, device=query.device)
+    else:
+        part = ml = out  # unused
+    (k_eta, k_ome), (v_eta, v_ome) = etas
+    _attention_kernel[(R * n_qtiles, H, S)](
+        query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1),
+        out, out.stride(0), out.stride(1), part, ml, S,
+        kc, kc.stride(0), kc.stride(1), vc, vc.stride(0), vc.stride(1), meta, meta.stride(0), meta.stride(1),
+        *offsets, tail_k, tail_v,
+        plan.query_start_loc, plan.past_lens, plan.block_table, plan.block_table.stride(0), plan.tail_slot,
+        scale * LOG2E, k_eta, k_ome, v_eta, v_ome, n_qtiles, blocks_per_split,
+        H=H, G=G, GP=GP, QT=QT, M=M, D=D, B=block, NB=NB, NV=bits[3], K_BITS=bits[0], V_BITS=bits[1],
+        META_BITS=bits[2], FP_PAGES=fp_pages, SPLIT=S > 1, DOT_F32=query.device.type != "cuda",
+        num_warps=4 if M <= 16 and D <= 128 and bits[2] == 16 else 8,  # fewer spill at 8 (sm_90 SASS)
+    )  # fmt: skip
+    if S > 1:
+        _combine_kernel[(T, HQ)](part, ml, out, out.stride(0), out.stride(1), S, HQ, triton.next_power_of_2(S), D)
+
+
+def _calibration(eta: float) -> tuple[float, float]:
+    """``(eta, 1 - 2 eta)`` as the reference rounds them (each once to fp32; Triton passes floats as fp32)."""
+    return eta, 1.0 - 2.0 * eta
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pages: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    plan: StepPlan,
+    lq: LayerQuant,
+    layout: PageLayout,
+    scale: float,
+    out: torch.Tensor,
+    lower_pages: torch.Tensor | None = None,
+    lower_layout: PageLayout | None = None,
+    *,
+    num_splits: int | None = None,
+    tile_tokens: int | None = None,
+) -> None:
+    """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
+
+    Semantics: xquant_vllm/quant/attention.py (paged rule, past-only). A shared layer reads the codes of the
+    shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. ``num_splits`` and ``tile_tokens`` override
+    the context split and the tokens per loop step (benchmark sweeps).
+    """
+    _check_common(query, key, out, layout.block, plan)
+    if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
+        raise ValueError(f"layer {lq.index} shares codes: pass lower_pages and lower_layout")
+    if pages.stride(-1) != 1 or not (tail_k.is_contiguous() and tail_v.is_contiguous()):
+        raise ValueError("pages (last axis), tail_k and tail_v must be contiguous")
+    kc, kc_off = (lower_pages, lower_layout.k_codes_off) if lq.k_shared else (pages, layout.k_codes_off)
+    vc, vc_off = (lower_pages, lower_layout.v_codes_off) if lq.v_shared else (pages, layout.v_codes_off)
+    offsets = (kc_off, vc_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)
+    bits = (lq.k_bits, lq.v_bits, lq.meta_bits, layout.v_groups)
+    etas = (_calibration(lq.k_eta), _calibration(lq.v_eta))
+    _launch(
+        query, key, value, out, plan, scale, layout.block, False, kc, vc, pages, offsets, tail_k, tail_v, bits, etas,
+        num_splits, tile_tokens,
+    )  # fmt: skip
+
+
+def paged_attention_fp_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: StepPlan,
+    scale: float,
+    out: torch.Tensor,
+    *,
+    num_splits: int | None = None,
+    tile_tokens: int | None = None,
+) -> None:
+    """The same kernel over a full-precision paged cache ``[num_blocks, H, B, D]`` (the benchmark's baseline).
+
+    Every past token, the partial last block included, lives in the pages (no tail buffer).
+    """
+    block = k_cache.shape[2]
+    _check_common(query, key, out, block, plan)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous [num_blocks, H, B, D]")
+    offsets = (0, 0, 0, 0, 0)
+    bits = (1, 1, 16, 1)
+    etas = (_calibration(0.0), _calibration(0.0))
+    _launch(
+        query, key, value, out, plan, scale, block, True, k_cache, v_cache, k_cache, offsets, k_cache, v_cache,
+        bits, etas, num_splits, tile_tokens,
+    )  # fmt: skip
+
+
+__all__ = ["paged_attention_triton", "paged_attention_fp_triton"]
