@@ -54,7 +54,7 @@ else
   rm -rf "$WORK"/rootfs/var/cache/apt/archives/*.deb "$WORK"/rootfs/var/lib/apt/lists/*
   CTR=$(buildah from scratch)
   MNT=$(buildah mount "$CTR")
-  step tar -C "$WORK/rootfs" -cf - . | tar -C "$MNT" -xf -
+  step sh -c "tar -C '$WORK/rootfs' -cf - . | tar -C '$MNT' -xf -"
   buildah umount "$CTR" >/dev/null
   step buildah commit --rm "$CTR" "$BASE"
 fi
