@@ -3,9 +3,11 @@
 Per (layer, block, KV head) page, bf16 metadata, G_v = 32 unless noted:
   SmolLM2 (D = 64, B = 32):   2-bit 1536, 1-bit 1024, shared 512 bytes   (see tests/test_layout.py)
   Llama-3-8B (D = 128, B = 32): 2-bit 3072, 1-bit 2048, shared 1024 bytes
-  xquant-max (B = 64, G_v = 64, 8-bit meta): SmolLM2 2320 / 1296 / 272, Llama-3-8B 4624 / 2576 / 528
-Layers: SmolLM2 (30) has 14 layers at 2 bits; xquant shares odd layers from 23 (4 of them), xquant-max from
-15 (8). Llama-3-8B (32) has 16 at 2 bits; xquant shares from 24 (4 layers), xquant-max from 16 (8).
+  xquant-max (B = 64, G_v = 64, 8-bit meta, keys 2-bit, values 1-bit): own K and V / V shared / both shared:
+  SmolLM2 1808 / 1296 / 272, Llama-3-8B 3600 / 2576 / 528
+Layers: SmolLM2 (30) has 14 layers at 2 bits; xquant shares odd layers from 23 (4 of them); xquant-max shares
+values from 15 and keys from 23 (4 odd layers share values only, 4 both). Llama-3-8B (32) has 16 at 2 bits;
+xquant shares from 24 (4 layers); xquant-max values from 16 and keys from 24 (4 + 4).
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ GIB2 = 2 * 1024**3
 BY_HAND = [
     (SMOLLM2, "kivi-2", 32, 30 * 1536),
     (SMOLLM2, "xquant", 32, 14 * 1536 + 12 * 1024 + 4 * 512),
-    (SMOLLM2, "xquant-max", 64, 14 * 2320 + 8 * 1296 + 8 * 272),
+    (SMOLLM2, "xquant-max", 64, 22 * 1808 + 4 * 1296 + 4 * 272),
     (LLAMA3_8B, "kivi-2", 32, 32 * 3072),
     (LLAMA3_8B, "xquant", 32, 16 * 3072 + 12 * 2048 + 4 * 1024),
-    (LLAMA3_8B, "xquant-max", 64, 16 * 4624 + 8 * 2576 + 8 * 528),
+    (LLAMA3_8B, "xquant-max", 64, 24 * 3600 + 4 * 2576 + 4 * 528),
 ]
 
 

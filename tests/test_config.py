@@ -133,7 +133,7 @@ def test_asymkv_is_exactly_one_and_a_half_bits_on_an_odd_half() -> None:
     [
         ("xquant", 1.375),  # (16 * 2 + 16 * 1 - 4 * 1) / 32: sharing from 24, odd layers 25..31 keep no codes
         ("xquant-1.25", 1.25),  # (16 * 2 + 16 * 1 - 8 * 1) / 32: sharing from 16, odd layers 17..31
-        ("xquant-max", 1.25),  # same layers as xquant-1.25
+        ("xquant-max", 1.25),  # keys (32 * 2 - 4 * 2) + values (32 - 8): 80 / 64
         ("asymkv-1.5", 1.5),  # (16 * 2 + 16 * 1) / 32
         ("kivi-2", 2.0),
         ("kivi-4", 4.0),

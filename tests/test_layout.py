@@ -25,12 +25,13 @@ PAGES_BY_HAND = [
     ("xquant", 20, 128, 128 * 4 + 32 * 16 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
     ("xquant", 25, 64, 2 * 64 * 2 + 2 * 32 * 2 * 2),  # K and V shared: metadata only
     ("xquant", 25, 128, 2 * 128 * 2 + 2 * 32 * 4 * 2),
-    # xquant-max: B = 64, G_v = 64, uint8 min/max, 16-byte fp32 super range
-    ("xquant-max", 0, 64, 16 + 64 * 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # 2-bit
-    ("xquant-max", 0, 128, 16 + 128 * 16 + 64 * 32 + 2 * 128 + 2 * 64 * 2),
-    ("xquant-max", 16, 64, 16 + 64 * 8 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit
-    ("xquant-max", 17, 64, 16 + 2 * 64 + 2 * 64 * 1),  # shared
-    ("xquant-max", 17, 128, 16 + 2 * 128 + 2 * 64 * 2),
+    # xquant-max: B = 64, G_v = 64, uint8 min/max, 16-byte fp32 super range; keys 2-bit, values 1-bit
+    ("xquant-max", 0, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # nothing shared
+    ("xquant-max", 0, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", 17, 64, 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # values shared (from L/2), keys not (from 3L/4)
+    ("xquant-max", 17, 128, 16 + 128 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", 25, 64, 16 + 2 * 64 + 2 * 64 * 1),  # both shared: metadata only
+    ("xquant-max", 25, 128, 16 + 2 * 128 + 2 * 64 * 2),
 ]
 
 
@@ -145,7 +146,7 @@ def test_documented_byte_placement_16_bit() -> None:
 
 
 def test_documented_byte_placement_8_bit() -> None:
-    lq, dtype = layer("xquant-max", 16), torch.bfloat16  # 1 bit, B = 64, G_v = 64
+    lq, dtype = layer("xquant-max", 16, k_bits_high=1), torch.bfloat16  # 1 bit, B = 64, G_v = 64
     B, D = 64, 64
     k, v = history(lq, blocks=2, heads=2, dtype=dtype, seed=22)
     q = quantize_layer(k, v, lq)

@@ -182,10 +182,14 @@ def preset_fields(name: str, num_layers: int) -> dict[str, Any]:
         "asymkv-1.5": dict(low_bits_xquant, k_high_layers=math.ceil(L / 2), v_high_layers=L // 2, **no_eta),
         "xquant": dict(low_bits_xquant, k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(3 * L / 4)),
         "xquant-1.25": dict(low_bits_xquant, k_share_from=math.ceil(L / 2), v_share_from=math.ceil(L / 2)),
-        # Capacity preset (spec section 9): metadata is the bottleneck, so larger groups and 8-bit min/max.
+        # Capacity preset (spec section 9). Metadata is the bottleneck, so groups of 64 and 8-bit min/max; the
+        # layers follow the best data-free rule of the SmolLM2 sweep (benchmarks/results/quality.json): keys need
+        # more bits than values, so keys at 2 bits everywhere (shared late), values at 1 bit (shared from L/2).
         "xquant-max": dict(
-            low_bits_xquant, k_share_from=math.ceil(L / 2), v_share_from=math.ceil(L / 2), k_group=64, v_group=64, meta_bits=8
-        ),
+            k_bits_high=2, k_high_layers=L, v_bits_low=1, v_high_layers=0,
+            k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(L / 2),
+            k_group=64, v_group=64, meta_bits=8,
+        ),  # fmt: skip
     }
     if name not in table:
         raise ValueError(f"preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")
