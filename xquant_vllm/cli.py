@@ -29,6 +29,7 @@ PLUGGED: tuple[tuple[str, str], ...] = (
 
 MODEL_NAMES = ("smollm2", "llama3-8b")
 QUALITY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality.json"
+QUALITY_COLUMNS = ("method", "preset", "equivalent_bits", "true_bits", "nll", "ppl", "needle_acc", "needle", "windows")
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 
@@ -174,8 +175,9 @@ def _cell(value: Any) -> str:
 def quality_table(path: Path) -> str | None:
     """The rows of a quality results file as a table, or ``None`` when there are none to show.
 
-    The file is a JSON list of row objects, or an object whose ``rows`` is one; columns are the union of the
-    rows' keys in the order first seen, so the harness can add columns without touching this.
+    The file is a JSON list of row objects, or an object whose ``rows`` is one. The summary columns
+    (:data:`QUALITY_COLUMNS`) are shown where present, else every column; rows of the harness's sweeps
+    (``group`` other than main/residual) stay in the file.
     """
     try:
         data = json.loads(path.read_text())
@@ -184,7 +186,9 @@ def quality_table(path: Path) -> str | None:
     rows = data.get("rows") if isinstance(data, dict) else data
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         return None
-    headers = list(dict.fromkeys(k for r in rows for k in r))
+    rows = [r for r in rows if r.get("group", "main") in ("main", "residual")] or rows
+    present = list(dict.fromkeys(k for r in rows for k in r))
+    headers = [h for h in QUALITY_COLUMNS if h in present] or present
     return format_table(headers, [[_cell(r.get(h)) for h in headers] for r in rows])
 
 
