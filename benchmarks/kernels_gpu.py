@@ -351,7 +351,12 @@ def layer_kinds(cfg) -> collections.Counter:
 
 
 def time_quant_kind(
-    db: DecodeBatch, lq: LayerQuant, rep_ms: int, splits: int | None = None, tile: int | None = None
+    db: DecodeBatch,
+    lq: LayerQuant,
+    rep_ms: int,
+    splits: int | None = None,
+    tile: int | None = None,
+    warps: int | None = None,
 ) -> tuple[float, int]:
     H, dt = db.shape.num_kv_heads, db.shape.dtype
     layout = page_layout(lq, dt)
@@ -376,7 +381,9 @@ def time_quant_kind(
         lower_pages,
         lower_layout,
     )
-    ms = bench(lambda: attention.paged_attention_triton(*args, num_splits=splits, tile_tokens=tile), rep_ms)
+    ms = bench(
+        lambda: attention.paged_attention_triton(*args, num_splits=splits, tile_tokens=tile, num_warps=warps), rep_ms
+    )
     read = db.batch * (db.past // db.block) * H * page_read_bytes(layout) + db.tail_bytes() + db.io_bytes()
     del pages, lower_pages
     return ms, read
@@ -478,28 +485,29 @@ def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs) -> list[di
 
 
 def tile_sweep(args, copy_gbs: float) -> list[dict]:
-    """Llama-3-8B at the run's first batch and last context: tokens per loop step x context splits, for the
-    1-bit xquant layer and the bf16 baseline (what the launch defaults should be)."""
+    """Llama-3-8B at the run's first batch and last context: tokens per loop step x context splits (x warps per
+    program for xquant), for the 1-bit xquant layer and the bf16 baseline (what the launch defaults should be)."""
     shape, hq = MODELS["llama3-8b"]
     batch, ctx = args.batches[0], args.contexts[-1]
     db = DecodeBatch(shape, hq, batch, ctx, 32)
     lq = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size).layer(shape.num_layers - 2)
+    points = [("bf16", tile, s, None) for tile in (32, 64, 128, 256) for s in (None, 16, 64)]
+    points += [("xquant 1-bit", tile, s, w) for tile in (32, 64, 128, 256) for s in (None, 16, 64) for w in (4, 8)]
     rows = []
-    for tile in (32, 64, 128, 256):
-        for s in (None, 16, 64):
-            for kernel in ("xquant 1-bit", "bf16"):
-                if kernel == "bf16":
-                    ms, read = time_bf16_paged(db, args.rep_ms, splits=s, tile=tile)
-                else:
-                    ms, read = time_quant_kind(db, lq, args.rep_ms, splits=s, tile=tile)
-                gbs = read / ms / 1e6
-                rows.append(
-                    dict(
-                        kernel=kernel, tile_tokens=tile, splits=s or "auto", ms=ms, gbs=gbs, frac_copy_bw=gbs / copy_gbs
-                    )
-                )
-                point = f"{kernel} b={batch} ctx={ctx} tile={tile} splits={s or 'auto'}"
-                log(f"sweep {point}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
+    for kernel, tile, s, warps in points:
+        if kernel == "bf16":
+            ms, read = time_bf16_paged(db, args.rep_ms, splits=s, tile=tile)
+        else:
+            ms, read = time_quant_kind(db, lq, args.rep_ms, splits=s, tile=tile, warps=warps)
+        gbs = read / ms / 1e6
+        rows.append(
+            dict(
+                kernel=kernel, tile_tokens=tile, splits=s or "auto", num_warps=warps or "auto", ms=ms, gbs=gbs,
+                frac_copy_bw=gbs / copy_gbs,
+            )
+        )  # fmt: skip
+        log(f"sweep {kernel} b={batch} ctx={ctx} tile={tile} splits={s or 'auto'} warps={warps or 'auto'}: "
+            f"{ms * 1e3:.1f} us {gbs:.0f} GB/s")  # fmt: skip
     return rows
 
 

@@ -8,10 +8,14 @@ Its ``M`` rows are (token, query head) pairs: all ``G`` query heads of the KV he
 (flash-decoding).
 
 Per step the codes of ``NB`` pages are unpacked and dequantized in registers, in fp16 (``dequant.key_tile``,
-``dequant.value_tile``), and feed two fp16 MMAs with fp32 accumulation: scores ``q @ K^T`` and ``p @ V``. Keys
+``dequant.value_tile``), and feed two fp16 MMAs with fp32 accumulation: scores ``q @ K^T`` and ``p @ V``. The
+loads of step ``i + 1`` (codes, metadata) are issued before the math of step ``i`` (a software pipeline by
+hand: Triton's pipeliner does not reach loads whose addresses come from the block table). The unpacked codes
+are in pair order (``dequant.pair_order``): keys permute the tokens of a page, so the value rows are loaded in
+that order; values permute the channels, so ``acc`` and every full-precision value row use that order too. Keys
 are not folded into the query (``q . k = sum_d (q_d s_d) c_dt + sum_d q_d z_d`` per page): a tile that spans
-pages would then need one MMA per page, to save one packed fp16 multiply-add per two codes (about 3% of the
-step's instructions in the sm_90 SASS). fp16 holds the codes exactly and keeps 3 more mantissa bits than the
+pages would then need one MMA per page, to save a packed subtraction and multiply-add per two key codes (about
+9% of the step's instructions in the sm_90 SASS). fp16 holds the codes exactly and keeps 3 more mantissa bits than the
 bf16 the reference rounds its dequantized cache to.
 
 ``FP_PAGES`` turns the same kernel into the full-precision baseline: pages are then ``[num_blocks, H, B, D]``
@@ -27,7 +31,7 @@ import triton.language as tl
 from xquant_vllm.config import LayerQuant
 from xquant_vllm.layout import PageLayout
 
-from .dequant import key_tile, value_tile
+from .dequant import key_tile, load_key_page, load_value_rows, pair_order, value_tile
 from .plan import StepPlan
 
 LOG2E = 1.4426950408889634
@@ -47,11 +51,12 @@ def _online_update(s, m_i, l_i):
 
 
 @triton.jit
-def _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, col_ok, qk_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
+def _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, dv, col_ok, qk_scale, D: tl.constexpr, DOT_F32: tl.constexpr):
     """Attend to full-precision keys/values whose rows start at ``k_rows``/``v_rows`` [N] (tail, chunk, fp page).
 
-    ``col_ok`` [M, N] masks keys out (invalid rows, or causally). The dots run in the model dtype, or in fp32
-    with ``DOT_F32`` (Triton 3.9's interpreter computes bf16 dots wrongly).
+    ``col_ok`` [M, N] masks keys out (invalid rows, or causally); ``dv`` [D] is the channel order of ``acc``.
+    The dots run in the model dtype, or in fp32 with ``DOT_F32`` (Triton 3.9's interpreter computes bf16 dots
+    wrongly).
     """
     d = tl.arange(0, D)
     rows_ok = tl.max(col_ok.to(tl.int32), 0) > 0
@@ -60,10 +65,39 @@ def _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, col_ok, qk_scale, D: tl.const
         q, k = q.to(tl.float32), k.to(tl.float32)
     s = tl.where(col_ok, tl.dot(q, k) * qk_scale, float("-inf"))
     p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-    v = tl.load(v_rows[:, None] + d[None, :], mask=rows_ok[:, None], other=0.0)
+    v = tl.load(v_rows[:, None] + dv[None, :], mask=rows_ok[:, None], other=0.0)
     if DOT_F32:
         v = v.to(tl.float32)
     return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
+
+
+@triton.jit
+def _load_pages(
+    table, j0, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
+    kc_off, vc_off, km_off, vm_off, sup_off,
+    D: tl.constexpr, B: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, META_BITS: tl.constexpr, DTYPE: tl.constexpr,
+):  # fmt: skip
+    """Every load of the ``NB`` pages of the step at block ``j0`` (codes and metadata, keys then values, one flat
+    tuple), not yet dequantized. Blocks from ``j_hi`` on are not read: they load zeros, which dequantize to
+    zeros (their scores are masked, and ``p = 0`` times a zero value is 0, where times a NaN it would not be)."""
+    WORDS: tl.constexpr = (B * K_BITS + 31) // 32  # words per key code row
+    c = tl.arange(0, NB * WORDS) // WORDS
+    b = tl.arange(0, NB)
+    n = tl.arange(0, NB * B) // B
+    c_ok, b_ok, n_ok = j0 + c < j_hi, j0 + b < j_hi, j0 + n < j_hi
+    blk_c = tl.load(table + j0 + c, mask=c_ok, other=0).to(tl.int64)
+    blk_b = tl.load(table + j0 + b, mask=b_ok, other=0).to(tl.int64)
+    blk = tl.load(table + j0 + n, mask=n_ok, other=0).to(tl.int64)
+    kw, ka, kb, klo, khi = load_key_page(
+        kc_ptr + blk_c * kc_sb + h * kc_sh, meta_ptr + blk_b * m_sb + h * m_sh, c_ok, b_ok, kc_off, km_off,
+        sup_off, D, B, NB, K_BITS, META_BITS, DTYPE,
+    )  # fmt: skip
+    vw, va, vb, vlo, vhi = load_value_rows(
+        vc_ptr + blk * vc_sb + h * vc_sh, meta_ptr + blk * m_sb + h * m_sh, pos, n_ok, vc_off, vm_off, sup_off,
+        D, B, NV, V_BITS, META_BITS, DTYPE,
+    )  # fmt: skip
+    return kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi
 
 
 @triton.jit
@@ -98,6 +132,10 @@ def _attention_kernel(
     d = tl.arange(0, D)
     q = tl.load(q_ptr + row[:, None] * q_sr + head[:, None] * q_sh + d[None, :], mask=row_ok[:, None], other=0.0)
     q16 = (q.to(tl.float32) * qk_scale).to(tl.float16)
+    # Quantized pages come out of dequant.unpack_words in pair order: the key tile's tokens and the value
+    # tile's channels (hence acc's columns) are permuted within each code word; full-precision rows follow.
+    K_PER_WORD: tl.constexpr = min(32, B * K_BITS) // K_BITS
+    dv = d if FP_PAGES else pair_order(d, 32 // V_BITS)
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -108,35 +146,34 @@ def _attention_kernel(
     n_full = past // B
     N: tl.constexpr = NB * B
     n = tl.arange(0, N)
-    pos = n % B
+    pos = n % B if FP_PAGES else pair_order(n % B, K_PER_WORD)  # the page row of tile column n
     table = bt_ptr + r * bt_stride
     j_lo = split * blocks_per_split
     j_hi = tl.minimum(n_full, j_lo + blocks_per_split)
+    if not FP_PAGES:  # software pipeline: each step issues the next step's page loads before its own math
+        kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_pages(
+            table, j_lo, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
+            kc_off, vc_off, km_off, vm_off, sup_off, D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+        )  # fmt: skip
     for j0 in range(j_lo, j_hi, NB):
         tok_ok = j0 + n // B < j_hi
-        blk = tl.load(table + j0 + n // B, mask=tok_ok, other=0).to(tl.int64)
         ok = row_ok[:, None] & tok_ok[None, :]
         if FP_PAGES:
+            blk = tl.load(table + j0 + n // B, mask=tok_ok, other=0).to(tl.int64)
             k_rows = kc_ptr + blk * kc_sb + h * kc_sh + pos * D
             v_rows = vc_ptr + blk * vc_sb + h * vc_sh + pos * D
-            acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, ok, qk_scale, D, DOT_F32)
+            acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, dv, ok, qk_scale, D, DOT_F32)
         else:
-            WORDS: tl.constexpr = (B * K_BITS + 31) // 32  # words per key code row
-            c = tl.arange(0, NB * WORDS)
-            blk_c = tl.load(table + j0 + c // WORDS, mask=j0 + c // WORDS < j_hi, other=0).to(tl.int64)
-            blk_b = tl.load(table + j0 + tl.arange(0, NB), mask=j0 + tl.arange(0, NB) < j_hi, other=0).to(tl.int64)
-            k = key_tile(
-                kc_ptr + blk_c * kc_sb + h * kc_sh, meta_ptr + blk_b * m_sb + h * m_sh, kc_off, km_off, sup_off,
-                D, B, NB, K_BITS, k_eta, k_ome, META_BITS, DTYPE,
+            nxt = _load_pages(  # in flight during this step's math
+                table, j0 + NB, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
+                kc_off, vc_off, km_off, vm_off, sup_off, D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
             )  # fmt: skip
+            k = key_tile(kw, ka, kb, klo, khi, B, K_BITS, k_eta, k_ome, META_BITS)
             s = tl.where(ok, tl.dot(q16, k), float("-inf"))
             p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-            v = value_tile(
-                vc_ptr + blk * vc_sb + h * vc_sh, meta_ptr + blk * m_sb + h * m_sh, pos, vc_off, vm_off, sup_off,
-                D, B, NV, V_BITS, v_eta, v_ome, META_BITS, DTYPE,
-            )  # fmt: skip
-            v = tl.where(tok_ok[:, None], v, 0.0)  # pages past the split's end: p is 0, but 0 * NaN is not
+            v = value_tile(vw, va, vb, vlo, vhi, V_BITS, v_eta, v_ome, META_BITS)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+            kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = nxt
 
     # The last split also reads the partial block and the step's own tokens (causal), B rows at a time.
     last = split == num_splits - 1
@@ -152,23 +189,23 @@ def _attention_kernel(
         pv = tail_v_ptr + (slot * H + h) * B * D
     for _ in range(0, n_part, B):
         ok = row_ok[:, None] & (t[None, :] < n_part)
-        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, pk + t * D, pv + t * D, ok, qk_scale, D, DOT_F32)
+        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, pk + t * D, pv + t * D, dv, ok, qk_scale, D, DOT_F32)
 
     my_chunk_pos = row - q_start  # query row's index within the chunk = the keys it may see
     c_hi = tl.where(last, tl.minimum(q_end, row0 + QT) - q_start, 0)
     for c0 in range(0, c_hi, B):
         ok = row_ok[:, None] & (c0 + t[None, :] <= my_chunk_pos[:, None])
         rows = (q_start + c0 + t).to(tl.int64) * kv_sr + h * kv_sh
-        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_ptr + rows, v_ptr + rows, ok, qk_scale, D, DOT_F32)
+        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_ptr + rows, v_ptr + rows, dv, ok, qk_scale, D, DOT_F32)
 
     if SPLIT:
         at = (row.to(tl.int64) * (H * G) + head) * num_splits + split
-        tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=row_ok[:, None])
+        tl.store(part_ptr + at[:, None] * D + dv[None, :], acc, mask=row_ok[:, None])
         tl.store(ml_ptr + at * 2, m_i, mask=row_ok)
         tl.store(ml_ptr + at * 2 + 1, l_i, mask=row_ok)
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only on padding rows, never stored
-        o_ptr = out_ptr + row[:, None] * o_sr + head[:, None] * o_sh + d[None, :]
+        o_ptr = out_ptr + row[:, None] * o_sr + head[:, None] * o_sh + dv[None, :]
         tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -218,7 +255,7 @@ def _check_common(query: torch.Tensor, key: torch.Tensor, out: torch.Tensor, blo
 
 def _launch(
     query, key, value, out, plan, scale, block, fp_pages, kc, vc, meta, offsets, tail_k, tail_v, bits, etas, num_splits,
-    tile_tokens,
+    tile_tokens, num_warps,
 ) -> None:  # fmt: skip
     T, HQ, D = query.shape
     H = key.shape[1]
@@ -251,7 +288,7 @@ def _launch(
         scale * LOG2E, k_eta, k_ome, v_eta, v_ome, n_qtiles, blocks_per_split,
         H=H, G=G, GP=GP, QT=QT, M=M, D=D, B=block, NB=NB, NV=bits[3], K_BITS=bits[0], V_BITS=bits[1],
         META_BITS=bits[2], FP_PAGES=fp_pages, SPLIT=S > 1, DOT_F32=query.device.type != "cuda",
-        num_warps=4 if M <= 16 and D <= 128 and bits[2] == 16 else 8,  # fewer spill at 8 (sm_90 SASS)
+        num_warps=num_warps or (4 if M <= 16 and D <= 128 and bits[2] == 16 else 8),  # fewer spill at 8 (sm_90 SASS)
     )  # fmt: skip
     if S > 1:
         _combine_kernel[(T, HQ)](part, ml, out, out.stride(0), out.stride(1), S, HQ, triton.next_power_of_2(S), D)
@@ -279,12 +316,14 @@ def paged_attention_triton(
     *,
     num_splits: int | None = None,
     tile_tokens: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
 
     Semantics: xquant_vllm/quant/attention.py (paged rule, past-only). A shared layer reads the codes of the
-    shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. ``num_splits`` and ``tile_tokens`` override
-    the context split and the tokens per loop step (benchmark sweeps).
+    shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. ``num_splits``, ``tile_tokens`` and
+    ``num_warps`` override the context split, the tokens per loop step and the warps per program (benchmark
+    sweeps).
     """
     _check_common(query, key, out, layout.block, plan)
     if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
@@ -298,7 +337,7 @@ def paged_attention_triton(
     etas = (_calibration(lq.k_eta), _calibration(lq.v_eta))
     _launch(
         query, key, value, out, plan, scale, layout.block, False, kc, vc, pages, offsets, tail_k, tail_v, bits, etas,
-        num_splits, tile_tokens,
+        num_splits, tile_tokens, num_warps,
     )  # fmt: skip
 
 
@@ -314,6 +353,7 @@ def paged_attention_fp_triton(
     *,
     num_splits: int | None = None,
     tile_tokens: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """The same kernel over a full-precision paged cache ``[num_blocks, H, B, D]`` (the benchmark's baseline).
 
@@ -328,7 +368,7 @@ def paged_attention_fp_triton(
     etas = (_calibration(0.0), _calibration(0.0))
     _launch(
         query, key, value, out, plan, scale, block, True, k_cache, v_cache, k_cache, offsets, k_cache, v_cache,
-        bits, etas, num_splits, tile_tokens,
+        bits, etas, num_splits, tile_tokens, num_warps,
     )  # fmt: skip
 
 

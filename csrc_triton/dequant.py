@@ -4,13 +4,17 @@ Three layers, smallest first:
 
 * :func:`load_words` and :func:`unpack_words` turn packed code rows into an fp16 tile. Rows are read as
   32-bit (or 16-bit) little-endian words, so element ``j`` of a row sits in word ``j // (32 / b)`` at bits
-  ``b * (j % (32 / b))``: the LSB-first order of :mod:`xquant_vllm.quant.packing`, one load per word.
+  ``b * (j % (32 / b))``: the LSB-first order of :mod:`xquant_vllm.quant.packing`, one load per word. The
+  codes come out two per register, in *pair order* (:func:`pair_order`), which callers follow.
 * :func:`decode_minmax` and :func:`calibrate` repeat the fp32 operations of xquant_vllm/quant/groups.py in
-  order (8-bit min/max against the super range, then ``s_cal``, ``z_cal``); :func:`group_params` loads a
-  page's metadata in either form and returns fp32 ``(s_cal, z_cal)``.
-* :func:`key_tile` and :func:`value_tile` dequantize the key and value sections of several pages at once (a
-  tile of tokens that spans pages, each column or row with its own page pointer), ``q * s + z`` in fp16:
-  packed two to an instruction, and exact for the codes; it assumes ``|x| < 65504`` (fp16's range).
+  order (8-bit min/max against the super range, then ``s_cal``, ``z_cal``): the store uses them, bit-exact.
+  :func:`load_meta` loads a page's metadata in either form and :func:`group_params` turns it into fp32
+  ``(s_cal, z_cal)`` for attention (to an ulp, not bit for bit).
+* :func:`load_key_page` / :func:`key_tile` and :func:`load_value_rows` / :func:`value_tile` load, then
+  dequantize, the key and value sections of several pages at once (a tile of tokens that spans pages, each
+  column or row with its own page pointer), ``c * s + z`` in fp16: packed two to an instruction, and exact
+  for the codes; it assumes ``|x| < 65504`` (fp16's range). Loading and dequantizing are separate so that a
+  loop can issue the next step's loads before this step's math.
 
 Bit-exactness with the reference needs the kernel compiled with ``enable_fp_fusion=False`` (no ``a * b + c``
 turned into one FMA); attention does not need it and keeps fusion on.
@@ -18,52 +22,71 @@ turned into one FMA); attention does not need it and keeps fusion on.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _halves(x, WIDTH: tl.constexpr):
-    """Fields of ``WIDTH`` bits -> ``[..., 2]``: the low and the high half (held by the same thread)."""
-    return tl.join(x & ((1 << (WIDTH // 2)) - 1), x >> (WIDTH // 2))
+# The interpreter (CI) runs no PTX: unpack_words then takes its plain-Triton twin.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
 def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
-    """fp16 codes ``[R, W * PER_WORD]`` of packed words ``[R, W]`` (uint32; ``PER_WORD`` codes each, LSB first).
+    """fp16 codes ``[R, W * PER_WORD]`` of packed words ``[R, W]`` (uint32; ``PER_WORD`` codes each, LSB first),
+    in *pair order*: position ``p`` of a word holds code :func:`pair_order` ``(p)``.
 
-    The word is halved ``log2(PER_WORD)`` times with ``tl.join``, so one thread holds all codes of its words
-    (no shared-memory shuffles); the last axes, flattened, count codes in order. Integer to float without a
-    conversion instruction (quarter rate on Hopper): OR-ing a code into the mantissa of 1024 (fp16 0x6400)
-    gives the fp16 ``1024 + code`` exactly, and one subtraction leaves ``code``.
+    Two codes per instruction, in the two fp16 lanes of one 32-bit register: code ``k`` sits at bit ``BITS * k``
+    and code ``k + PER_WORD / 2`` at bit ``16 + BITS * k``, so one shift and one mask-and-OR with ``0x64006400``
+    (fp16 1024.0 in both lanes) give the pair ``(1024 + c_k, 1024 + c_{k + PER_WORD/2})`` exactly; one packed
+    subtraction leaves the codes. The shifts fan out with ``tl.join`` so each thread keeps its whole word (no
+    shared-memory shuffle). Callers follow the pair order instead of restoring the natural one (free for keys:
+    the value rows are loaded in the same token order; for values the output channels are stored permuted).
     """
-    W: tl.constexpr = PER_WORD * BITS
+    HALF: tl.constexpr = PER_WORD // 2
     x = words
-    if PER_WORD >= 2:
-        x = _halves(x, W)
-    if PER_WORD >= 4:
-        x = _halves(x, W // 2)
-    if PER_WORD >= 8:
-        x = _halves(x, W // 4)
-    if PER_WORD >= 16:
-        x = _halves(x, W // 8)
-    if PER_WORD >= 32:
-        x = _halves(x, W // 16)
-    codes = (x.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    if PER_WORD * BITS == 16:  # a 16-bit row (1-bit keys, 16-token block): move its upper byte to bit 16
+        x = (x & 0xFF) | ((x & 0xFF00) << 8)
+    if HALF >= 16:
+        x = tl.join(x, x >> (8 * BITS))
+    if HALF >= 8:
+        x = tl.join(x, x >> (4 * BITS))
+    if HALF >= 4:
+        x = tl.join(x, x >> (2 * BITS))
+    if HALF >= 2:
+        x = tl.join(x, x >> BITS)
+    y = (x & (((1 << BITS) - 1) * 0x10001)) | 0x64006400
+    if INTERPRET:
+        lo = y.to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+        hi = (y >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+    else:  # one packed subtraction; the two lanes are read in place (no PRMT repacking)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t, m; mov.b32 m, 0x64006400; sub.rn.f16x2 t, $2, m; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r", [y], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
+    codes = tl.join(lo, hi)
     return tl.reshape(codes, (words.shape[0], words.shape[1] * PER_WORD))
 
 
 @triton.jit
-def load_words(byte_ptrs, word_idx, ROW_BITS: tl.constexpr):
-    """uint32 words of packed rows: ``byte_ptrs`` point at row starts, ``word_idx`` counts words into the row.
+def pair_order(p, PER_WORD: tl.constexpr):
+    """Index of the code that :func:`unpack_words` puts at position ``p`` (pairs ``k``, ``k + PER_WORD / 2``)."""
+    q = p % PER_WORD
+    return p - q + q // 2 + (q % 2) * (PER_WORD // 2)
+
+
+@triton.jit
+def load_words(byte_ptrs, word_idx, mask, ROW_BITS: tl.constexpr):
+    """uint32 words of packed rows (0 where ``mask`` is False): ``byte_ptrs`` point at row starts, ``word_idx``
+    counts words into the row.
 
     Rows of 32 bits or more are read as uint32, 16-bit rows (1-bit keys of a 16-token block) as uint16; every
     row start is word aligned (16-byte sections, rows of whole words).
     """
     if ROW_BITS >= 32:
-        return tl.load(byte_ptrs.to(tl.pointer_type(tl.uint32)) + word_idx)
+        return tl.load(byte_ptrs.to(tl.pointer_type(tl.uint32)) + word_idx, mask=mask, other=0)
     else:
-        return tl.load(byte_ptrs.to(tl.pointer_type(tl.uint16)) + word_idx).to(tl.uint32)
+        return tl.load(byte_ptrs.to(tl.pointer_type(tl.uint16)) + word_idx, mask=mask, other=0).to(tl.uint32)
 
 
 @triton.jit
@@ -81,38 +104,45 @@ def calibrate(mn, mx, BITS: tl.constexpr, eta, one_minus_2eta):
 
 
 @triton.jit
-def group_params(
-    page,
-    meta_off,
-    super_off,
-    idx,
-    N: tl.constexpr,
-    BITS: tl.constexpr,
-    eta,
-    one_minus_2eta,
-    META_BITS: tl.constexpr,
-    DTYPE: tl.constexpr,
-):
-    """fp32 ``(s_cal, z_cal)`` of groups ``idx`` of one metadata section of ``N`` groups.
+def load_meta(page, meta_off, super_off, idx, mask, N: tl.constexpr, META_BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """The stored metadata of groups ``idx`` of one section of ``N`` groups, as loaded: ``(a, b, lo, hi)``
+    (zeros where ``mask`` is False, which decode to scale and zero-point 0).
 
-    16-bit: ``s_cal[N]`` then ``z_cal[N]`` in the model dtype ``DTYPE``, used as stored. 8-bit: ``min_q[N]``
-    then ``max_q[N]`` (uint8) decoded against the fp32 pair ``lo, hi`` at ``super_off``, then calibrated.
+    16-bit: ``a, b`` = ``s_cal, z_cal`` in the model dtype ``DTYPE`` (``lo, hi`` unused zeros). 8-bit: ``a, b``
+    = ``min_q, max_q`` (uint8) and ``lo, hi`` the fp32 super range at ``super_off``. Loads only, so that a loop
+    can issue them a step ahead; :func:`group_params` turns them into numbers.
     """
     if META_BITS == 16:
         meta = (page + meta_off).to(tl.pointer_type(DTYPE))
-        return tl.load(meta + idx).to(tl.float32), tl.load(meta + N + idx).to(tl.float32)
+        zero = tl.zeros(idx.shape, tl.float32)
+        return tl.load(meta + idx, mask=mask, other=0), tl.load(meta + N + idx, mask=mask, other=0), zero, zero
     else:
         sup = (page + super_off).to(tl.pointer_type(tl.float32))
-        mn, mx = decode_minmax(
-            tl.load(sup), tl.load(sup + 1), tl.load(page + meta_off + idx), tl.load(page + meta_off + N + idx)
-        )
-        return calibrate(mn, mx, BITS, eta, one_minus_2eta)
+        a = tl.load(page + meta_off + idx, mask=mask, other=0)
+        b = tl.load(page + meta_off + N + idx, mask=mask, other=0)
+        return a, b, tl.load(sup, mask=mask, other=0.0), tl.load(sup + 1, mask=mask, other=0.0)
 
 
 @triton.jit
-def key_tile(
+def group_params(a, b, lo, hi, BITS: tl.constexpr, eta, one_minus_2eta, META_BITS: tl.constexpr):
+    """fp32 ``(s_cal, z_cal)`` from :func:`load_meta`'s values: 16-bit metadata as stored; 8-bit decoded and
+    calibrated as :func:`decode_minmax` and :func:`calibrate` do, with multiplications by reciprocals where
+    they divide (attention needs the numbers to an ulp of fp32, not bit for bit; the store calls those two)."""
+    if META_BITS == 16:
+        return a.to(tl.float32), b.to(tl.float32)
+    else:
+        step = (hi - lo) * (1.0 / 255.0)
+        mn = lo + a.to(tl.float32) * step
+        mx = lo + b.to(tl.float32) * step
+        return one_minus_2eta * ((mx - mn) * (1.0 / ((1 << BITS) - 1))), mn + eta * (mx - mn)
+
+
+@triton.jit
+def load_key_page(
     code_cols,
     meta_pages,
+    cols_ok,
+    pages_ok,
     codes_off,
     meta_off,
     super_off,
@@ -120,34 +150,48 @@ def key_tile(
     B: tl.constexpr,
     NB: tl.constexpr,
     BITS: tl.constexpr,
-    eta,
-    one_minus_2eta,
     META_BITS: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Dequantized keys ``[D, NB * B]`` (channel, token) fp16 of ``NB`` pages, ``q * s[d] + z[d]`` per page.
-
-    ``code_cols`` ``[NB * words per row]``: the code page of each word column (the lower layer's page for a
-    shared layer); ``meta_pages`` ``[NB]``: the pages holding the metadata.
-    """
+    """Loads of the key sections of ``NB`` pages: code words ``[D, NB * words per row]`` and :func:`load_meta`'s
+    ``[D, NB]``. ``code_cols`` ``[NB * words per row]``: the code page of each word column (the lower layer's
+    page for a shared layer); ``meta_pages`` ``[NB]``: the pages holding the metadata; ``cols_ok``,
+    ``pages_ok``: which of them exist (the others load zeros)."""
     ROW_BITS: tl.constexpr = B * BITS
-    PER_WORD: tl.constexpr = (32 if ROW_BITS >= 32 else ROW_BITS) // BITS
+    PER_WORD: tl.constexpr = min(32, ROW_BITS) // BITS
     WORDS: tl.constexpr = B // PER_WORD
     d = tl.arange(0, D)
     c = tl.arange(0, NB * WORDS)
-    words = load_words(code_cols[None, :] + codes_off + d[:, None] * (ROW_BITS // 8), (c % WORDS)[None, :], ROW_BITS)
-    codes = tl.reshape(unpack_words(words, BITS, PER_WORD), (D, NB, B))
-    s, z = group_params(
-        meta_pages[None, :], meta_off, super_off, d[:, None], D, BITS, eta, one_minus_2eta, META_BITS, DTYPE
+    words = load_words(
+        code_cols[None, :] + codes_off + d[:, None] * (ROW_BITS // 8), (c % WORDS)[None, :], cols_ok[None, :],
+        ROW_BITS,
+    )  # fmt: skip
+    a, b, lo, hi = load_meta(
+        meta_pages[None, :], meta_off, super_off, d[:, None], pages_ok[None, :], D, META_BITS, DTYPE
     )
+    return words, a, b, lo, hi
+
+
+@triton.jit
+def key_tile(
+    words, a, b, lo, hi, B: tl.constexpr, BITS: tl.constexpr, eta, one_minus_2eta, META_BITS: tl.constexpr
+):  # fmt: skip
+    """Dequantized keys ``[D, NB * B]`` (channel, token) fp16 from :func:`load_key_page`'s values, tokens of
+    each page in pair order, ``c * s[d] + z[d]`` per page."""
+    D: tl.constexpr = words.shape[0]
+    NB: tl.constexpr = a.shape[1]
+    PER_WORD: tl.constexpr = min(32, B * BITS) // BITS
+    codes = tl.reshape(unpack_words(words, BITS, PER_WORD), (D, NB, B))
+    s, z = group_params(a, b, lo, hi, BITS, eta, one_minus_2eta, META_BITS)
     return tl.reshape(codes * s.to(tl.float16)[:, :, None] + z.to(tl.float16)[:, :, None], (D, NB * B))
 
 
 @triton.jit
-def value_tile(
+def load_value_rows(
     code_rows,
     meta_rows,
     pos,
+    ok,
     codes_off,
     meta_off,
     super_off,
@@ -155,21 +199,38 @@ def value_tile(
     B: tl.constexpr,
     NV: tl.constexpr,
     BITS: tl.constexpr,
-    eta,
-    one_minus_2eta,
     META_BITS: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
-    """Dequantized values ``[N, D]`` fp16 of ``N`` tokens: token ``n`` is row ``pos[n]`` of page ``code_rows[n]``
-    (metadata in ``meta_rows[n]``), ``NV`` groups of ``D / NV`` channels per token."""
+    """Loads of ``N`` value rows: token ``n`` is row ``pos[n]`` of page ``code_rows[n]`` (metadata in
+    ``meta_rows[n]``; zeros where ``ok[n]`` is False, which dequantize to exact zeros). Returns the code words
+    ``[N, D * BITS / 32]`` and :func:`load_meta`'s values, one per group ``[N, NV]``, or one per channel (in
+    pair order) ``[N, D]`` when a group is smaller than a word."""
     ROW_BITS: tl.constexpr = D * BITS
     GV: tl.constexpr = D // NV
-    N: tl.constexpr = pos.shape[0]
+    PER_WORD: tl.constexpr = 32 // BITS
     w = tl.arange(0, ROW_BITS // 32)
-    words = load_words((code_rows + codes_off + pos * (ROW_BITS // 8))[:, None], w[None, :], ROW_BITS)
-    codes = tl.reshape(unpack_words(words, BITS, 32 // BITS), (N, NV, GV))
-    idx = pos[:, None] * NV + tl.arange(0, NV)[None, :]
-    s, z = group_params(
-        meta_rows[:, None], meta_off, super_off + 8, idx, B * NV, BITS, eta, one_minus_2eta, META_BITS, DTYPE
-    )
-    return tl.reshape(codes * s.to(tl.float16)[:, :, None] + z.to(tl.float16)[:, :, None], (N, D))
+    words = load_words((code_rows + codes_off + pos * (ROW_BITS // 8))[:, None], w[None, :], ok[:, None], ROW_BITS)
+    if GV % PER_WORD == 0:  # groups of whole words: the pair order stays inside a group
+        idx = pos[:, None] * NV + tl.arange(0, NV)[None, :]
+    else:
+        idx = pos[:, None] * NV + (pair_order(tl.arange(0, D), PER_WORD) // GV)[None, :]
+    a, b, lo, hi = load_meta(meta_rows[:, None], meta_off, super_off + 8, idx, ok[:, None], B * NV, META_BITS, DTYPE)
+    return words, a, b, lo, hi
+
+
+@triton.jit
+def value_tile(words, a, b, lo, hi, BITS: tl.constexpr, eta, one_minus_2eta, META_BITS: tl.constexpr):
+    """Dequantized values ``[N, D]`` fp16 from :func:`load_value_rows`'s values, channels in pair order
+    (:func:`pair_order`)."""
+    N: tl.constexpr = words.shape[0]
+    D: tl.constexpr = words.shape[1] * (32 // BITS)
+    codes = unpack_words(words, BITS, 32 // BITS)
+    s, z = group_params(a, b, lo, hi, BITS, eta, one_minus_2eta, META_BITS)
+    s, z = s.to(tl.float16), z.to(tl.float16)
+    if s.shape[1] == D:  # one scale per channel
+        return codes * s + z
+    else:
+        NV: tl.constexpr = s.shape[1]
+        codes = tl.reshape(codes, (N, NV, D // NV))
+        return tl.reshape(codes * s[:, :, None] + z[:, :, None], (N, D))

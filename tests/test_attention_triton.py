@@ -14,9 +14,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorat
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from kernel_cases import KernelCase, layer_pair, make_case, ragged_past_lens  # noqa: E402
 from xquant_vllm.kernels import build_step_plan  # noqa: E402
 from xquant_vllm.kernels.attention import paged_attention_fp_triton, paged_attention_triton  # noqa: E402
+from xquant_vllm.kernels.dequant import load_words, pair_order, unpack_words  # noqa: E402
+from xquant_vllm.quant.packing import pack_bits  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -179,3 +183,27 @@ def test_unsupported_shapes_name_the_field():
     case.query = case.query.repeat(1, 1, 2)[..., :96]  # head size 96
     with pytest.raises(ValueError, match="head_size"):
         run(case)
+
+
+@triton.jit
+def _unpack_kernel(row_ptr, out_ptr, order_ptr, R: tl.constexpr, BITS: tl.constexpr, ROW_CODES: tl.constexpr):
+    ROW_BITS: tl.constexpr = ROW_CODES * BITS
+    PER_WORD: tl.constexpr = min(32, ROW_BITS) // BITS
+    r = tl.arange(0, R)
+    w = tl.arange(0, ROW_CODES // PER_WORD)
+    ok = tl.full([R, ROW_CODES // PER_WORD], 1, tl.int1)
+    words = load_words((row_ptr + r * (ROW_BITS // 8))[:, None], w[None, :], ok, ROW_BITS)
+    j = tl.arange(0, ROW_CODES)
+    tl.store(out_ptr + r[:, None] * ROW_CODES + j[None, :], unpack_words(words, BITS, PER_WORD))
+    tl.store(order_ptr + j, pair_order(j, PER_WORD))
+
+
+@pytest.mark.parametrize("bits, row_codes", [(1, 32), (1, 16), (2, 32), (4, 64), (2, 128)])
+def test_unpack_words_gives_every_code_at_its_pair_order_position(bits, row_codes):
+    codes = torch.randint(0, 2**bits, (4, row_codes), generator=torch.Generator().manual_seed(bits * row_codes))
+    rows = pack_bits(codes, bits)
+    out = torch.full((4, row_codes), float("nan"), dtype=torch.float16)
+    order = torch.full((row_codes,), -1, dtype=torch.int32)
+    _unpack_kernel[(1,)](rows, out, order, 4, bits, row_codes)
+    assert sorted(order.tolist()) == list(range(row_codes)), "pair order is a permutation of the row"
+    assert torch.equal(out, codes[:, order.long()].half())
