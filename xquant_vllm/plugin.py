@@ -132,9 +132,10 @@ def startup_summary(vllm_config, cfg: QuantConfig) -> str:
     """The one start-up line: preset, bits per layer, sharing, equivalent/true bits, bytes/token, capacity."""
     from xquant_vllm.accounting import ModelShape, bits_report
 
-    model = vllm_config.model_config
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    # Per rank, like the budget: each tensor-parallel worker holds its share of the KV heads and their tails.
     shape = ModelShape(
-        str(model.model), cfg.num_layers, model.get_total_num_kv_heads(), cfg.head_size, model.dtype
+        str(model.model), cfg.num_layers, model.get_num_kv_heads(parallel), cfg.head_size, model.dtype
     )
     report = bits_report(cfg, shape)
     slots = num_tail_slots(vllm_config)
@@ -146,6 +147,7 @@ def startup_summary(vllm_config, cfg: QuantConfig) -> str:
         f"in {str(model.dtype).removeprefix('torch.')}: {dense_bytes / report.bytes_per_token:.2f}x tokens per byte | "
         f"tail: {slots} slots x {report.tail_bytes_per_seq / 2**20:.2f} MiB = "
         f"{slots * report.tail_bytes_per_seq / 2**20:.0f} MiB, taken from the KV cache budget"
+        + (f" (per rank of {parallel.tensor_parallel_size})" if parallel.tensor_parallel_size > 1 else "")
     )
 
 
