@@ -1,14 +1,16 @@
 """Quantize-and-store and paged attention over the quantized cache: Triton kernels and their PyTorch twins.
 
-``store_kv`` and ``paged_attention`` pick the implementation from the device of the page tensor, once per
-device type: Triton on CUDA, PyTorch elsewhere; the choice is logged once. The per-step batch description
-shared by both is :class:`StepPlan` (built by :func:`build_step_plan`).
+``store_kv`` and ``paged_attention`` pick the implementation from the device of the page tensor: Triton on
+CUDA, PyTorch elsewhere, or PyTorch everywhere when ``XQUANT_KERNELS=torch`` (to check the kernels against the
+reference path inside a GPU engine); each choice is logged once. The per-step batch description shared by both
+is :class:`StepPlan` (built by :func:`build_step_plan`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,16 +33,26 @@ class _Impl(NamedTuple):
     paged_attention: Callable[..., None]
 
 
-@functools.cache
+KERNELS_ENV = "XQUANT_KERNELS"  # "auto" (default) or "torch"
+
+
 def _impl(device_type: str) -> _Impl:
-    if device_type == "cuda":
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'auto' or 'torch'")
+    return _pick(device_type, choice)
+
+
+@functools.cache
+def _pick(device_type: str, choice: str) -> _Impl:
+    if device_type == "cuda" and choice == "auto":
         from .attention import paged_attention_triton
         from .store import store_kv_triton
 
         impl = _Impl("triton", store_kv_triton, paged_attention_triton)
     else:
         impl = _Impl("torch", store_kv_torch, paged_attention_torch)
-    logger.info("xquant kernels on %s: %s implementation", device_type, impl.name)
+    logger.info("xquant kernels on %s: %s implementation (%s=%s)", device_type, impl.name, KERNELS_ENV, choice)
     return impl
 
 

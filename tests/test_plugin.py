@@ -122,3 +122,61 @@ def test_cli_shim_makes_vllm_a_known_distribution(tmp_path: Path) -> None:
     assert "cpu" in dist.version
     assert sorted(Path(f).name for f in dist.files) == ["INSTALLER", "METADATA", "RECORD"]
     assert install_cli_shim(tmp_path) is None  # already there
+
+
+# ---- version shims (the vLLM 0.26 GPU build's interface, exercised on this vLLM) --------------------------
+
+
+def test_backend_is_registered_under_a_name_vllm_resolves(registered) -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from xquant_vllm.backend import XQuantBackend
+    from xquant_vllm.plugin import BACKEND_PATH
+
+    # vLLM looks each layer's backend up by get_name(): on 0.32 our own member, on 0.26 the reserved CUSTOM
+    assert AttentionBackendEnum[XQuantBackend.get_name()].get_path() == BACKEND_PATH
+
+
+def test_kv_cache_shape_views_a_layer_allocation_as_block_head_page() -> None:
+    import torch
+
+    from xquant_vllm.backend import XQuantBackend, _pages
+
+    blocks, heads, page = 5, 3, 136  # 0.26 hands over each layer's bytes and infers the page size (-1)
+    raw = torch.arange(blocks * heads * page, dtype=torch.int64).to(torch.uint8)
+    shape = XQuantBackend.get_kv_cache_shape(blocks, 32, heads, 64, cache_dtype_str="xquant")
+    assert shape.index(blocks) == 0  # how 0.26 finds the block dimension
+    pages = _pages(raw.view(shape))
+    assert pages.shape == (blocks, heads, page)
+    assert torch.equal(pages[2, 1], raw[(2 * heads + 1) * page : (2 * heads + 2) * page])
+
+
+def test_packed_spec_pages_are_what_the_layout_says_and_survive_pickling() -> None:
+    import pickle
+
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from xquant_vllm.packed_spec import PackedAttentionSpec
+    from xquant_vllm.vllm_compat import packed_page_spec
+
+    base = FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.uint8)
+    native = packed_page_spec(base, 32, 1000)  # this vLLM describes opaque pages natively
+    assert (native.block_size, native.page_size_bytes) == (32, 8 * 1000)
+    fields = {f: getattr(base, f) for f in ("num_kv_heads", "head_size", "dtype")}
+    a = PackedAttentionSpec(block_size=32, head_page_bytes=1000, **fields)  # what 0.26 gets
+    b = PackedAttentionSpec(block_size=32, head_page_bytes=600, **fields)
+    assert (a.real_page_size_bytes, b.real_page_size_bytes) == (8000, 4800)  # 0.26's page_size_bytes reads this
+    assert pickle.loads(pickle.dumps(a)) == a  # tensor-parallel workers send specs pickled
+    assert PackedAttentionSpec.merge([a, a]) == a
+    with pytest.raises(AssertionError):  # vLLM probes uniformity by catching AssertionError
+        PackedAttentionSpec.merge([a, b])
+
+
+def test_both_vllm_builds_in_use_are_checked_and_others_refused(monkeypatch) -> None:
+    from xquant_vllm import vllm_compat
+
+    assert {"0.32.0", "0.26.0"} <= set(vllm_compat.CHECKED_VERSIONS)
+    monkeypatch.setattr(vllm_compat, "vllm_version", lambda: "0.30.1")
+    with pytest.raises(vllm_compat.UnsupportedVLLMError, match="this is vLLM 0.30.1"):
+        vllm_compat.require_checked_version()

