@@ -180,3 +180,48 @@ def test_both_vllm_builds_in_use_are_checked_and_others_refused(monkeypatch) -> 
     monkeypatch.setattr(vllm_compat, "vllm_version", lambda: "0.30.1")
     with pytest.raises(vllm_compat.UnsupportedVLLMError, match="this is vLLM 0.30.1"):
         vllm_compat.require_checked_version()
+
+
+def test_where_vllm_takes_no_new_backend_names_we_take_custom_and_never_steal_it(monkeypatch) -> None:
+    import enum
+
+    import vllm.v1.attention.backends.registry as registry
+
+    from xquant_vllm import vllm_compat
+
+    overrides: dict = {}
+
+    class Backends(enum.Enum):  # vLLM 0.26's registry: fixed members, CUSTOM empty until registered
+        FLASH_ATTN = "vllm.FlashAttentionBackend"
+        CUSTOM = ""
+
+        def get_path(self) -> str:
+            if not (path := overrides.get(self, self.value)):
+                raise ValueError(f"Backend {self.name} must be registered before use")
+            return path
+
+    def register_backend(backend, class_path=None, is_mamba=False):  # 0.26 stores a string key without error
+        overrides[backend] = class_path
+
+    monkeypatch.setattr(registry, "AttentionBackendEnum", Backends)
+    monkeypatch.setattr(registry, "register_backend", register_backend)
+    vllm_compat.register_attention_backend("XQUANT", "xquant_vllm.backend.XQuantBackend")
+    vllm_compat.register_attention_backend("XQUANT", "xquant_vllm.backend.XQuantBackend")  # every process, again
+    assert Backends.CUSTOM.get_path() == "xquant_vllm.backend.XQuantBackend"
+    assert vllm_compat.attention_backend_name("XQUANT") == "CUSTOM"
+    overrides[Backends.CUSTOM] = "other_plugin.Backend"
+    with pytest.raises(vllm_compat.UnsupportedVLLMError, match="other_plugin.Backend"):
+        vllm_compat.register_attention_backend("XQUANT", "xquant_vllm.backend.XQuantBackend")
+
+
+def test_platforms_without_our_kernels_are_refused_by_name(monkeypatch) -> None:
+    from vllm.platforms import current_platform
+
+    from xquant_vllm import vllm_compat
+
+    vllm_compat.require_supported_platform()  # this machine: CPU
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self=None: False)
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self=None: False)
+    monkeypatch.setattr(type(current_platform), "device_name", "rocm-test")
+    with pytest.raises(vllm_compat.UnsupportedVLLMError, match="rocm-test"):
+        vllm_compat.require_supported_platform()

@@ -40,11 +40,12 @@ def register() -> None:
 
     try:
         vllm_compat.require_checked_version()
+        vllm_compat.require_supported_platform()
+        vllm_compat.register_attention_backend(BACKEND_NAME, BACKEND_PATH)
     except vllm_compat.UnsupportedVLLMError as exc:
         logger.error("%s: the kv_cache_dtype values %s are not registered", exc, ", ".join(PRESETS))
         return
     vllm_compat.register_cache_dtypes(PRESETS)
-    vllm_compat.register_attention_backend(BACKEND_NAME, BACKEND_PATH)
     vllm_compat.route_backend_selection(PRESETS, select_backend)
     vllm_compat.hook_config_check(PRESETS, check_engine_config)
     vllm_compat.hook_layer_spec(PRESETS, layer_kv_cache_spec)

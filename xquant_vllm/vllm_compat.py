@@ -75,6 +75,14 @@ def require_checked_version() -> str:
     return version
 
 
+def require_supported_platform() -> None:
+    """CPU (PyTorch kernels) or CUDA (Triton kernels); elsewhere a loud error naming the platform."""
+    from vllm.platforms import current_platform
+
+    if not (current_platform.is_cpu() or current_platform.is_cuda()):
+        raise UnsupportedVLLMError(f"xquant-vllm runs on CPU and CUDA platforms; this is {current_platform.device_name}")
+
+
 def _wrap(owner: type, name: str, make: Callable[[Callable], Callable]) -> None:
     """Replace ``owner.name`` (a function or classmethod, possibly inherited) by ``make(original)`` once."""
     current = inspect.getattr_static(owner, name, None)
@@ -129,8 +137,18 @@ def register_attention_backend(name: str, class_path: str) -> None:
     if name in AttentionBackendEnum.__members__:
         return
     register_backend(name, class_path)  # 0.32 adds an enum member; 0.26 keeps the string as a key nobody reads
-    if name not in AttentionBackendEnum.__members__:
-        register_backend(AttentionBackendEnum.CUSTOM, class_path)
+    if name in AttentionBackendEnum.__members__:
+        return
+    try:
+        taken = AttentionBackendEnum.CUSTOM.get_path()
+    except ValueError:  # not registered yet
+        taken = class_path
+    if taken != class_path:
+        raise UnsupportedVLLMError(
+            f"vLLM {vllm_version()} has one slot for an out-of-tree attention backend (CUSTOM) and another plugin "
+            f"holds it ({taken}); remove that plugin or select plugins with VLLM_PLUGINS=xquant"
+        )
+    register_backend(AttentionBackendEnum.CUSTOM, class_path)
 
 
 def attention_backend_name(name: str) -> str:
@@ -223,10 +241,8 @@ def hook_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
 
     if current_platform.is_cpu():
         from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
-    elif current_platform.is_cuda():
+    else:  # CUDA: require_supported_platform() let nothing else through
         from vllm.v1.worker.gpu_worker import Worker as worker_cls
-    else:
-        raise UnsupportedVLLMError(f"vLLM {vllm_version()}: no KV budget hook for platform {current_platform}")
 
     def make(original: Callable) -> Callable:
         @functools.wraps(original)

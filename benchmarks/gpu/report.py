@@ -31,8 +31,10 @@ def load(name: str) -> dict[str, Any]:
 
 def rows_of(*names: str) -> dict[str, dict[str, Any]]:
     merged: dict[str, dict[str, Any]] = {}
-    for name in names:
-        merged.update(load(name)["rows"])
+    for name in names:  # a later file's failed row never hides an earlier file's good one
+        for dtype, row in load(name)["rows"].items():
+            if row.get("ok") or dtype not in merged:
+                merged[dtype] = row
     return {k: merged[k] for k in ORDER if k in merged}
 
 

@@ -60,7 +60,7 @@ class LogTap(logging.Handler):
     """
 
     SOURCES = ("vllm.v1.core.kv_cache_utils", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.cpu_worker",
-               "vllm.platforms.cuda", "vllm.v1.attention.selector", "vllm.xquant")  # fmt: skip
+               "vllm.platforms.cuda", "vllm.v1.attention.selector", "vllm.xquant", "xquant_vllm.kernels")  # fmt: skip
 
     PATTERNS = {
         "kv_cache_tokens": re.compile(r"KV cache size: ([\d,]+) tokens"),
@@ -68,6 +68,7 @@ class LogTap(logging.Handler):
         "available_kv_gib": re.compile(r"Available KV cache memory: ([\d.]+) GiB"),
         "attention_backend": re.compile(r"Using (\S+) attention backend"),
         "xquant_summary": re.compile(r"(xquant-vllm: .*)"),
+        "xquant_kernels": re.compile(r"xquant kernels on \w+: (\w+) implementation"),
     }
 
     def __init__(self) -> None:
@@ -107,6 +108,7 @@ def engine(model: str, kv_cache_dtype: str, **kwargs) -> Iterator[tuple[Any, Log
     tap = LogTap()
     for name in tap.SOURCES:
         logging.getLogger(name).addHandler(tap)
+    logging.getLogger("xquant_vllm.kernels").setLevel(logging.INFO)  # not under vLLM's logger: no level of its own
     llm = None
     try:
         llm = LLM(model=model, kv_cache_dtype=kv_cache_dtype, seed=0, **kwargs)
@@ -383,15 +385,16 @@ def suite_profile(args, shape: str) -> dict[str, Any]:
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])]
 
-    def timed_steps(engine_, n: int) -> tuple[Any, float, int]:
+    def timed_steps(engine_, n: int) -> tuple[Any, float, int, float]:
+        """Profile up to ``n`` steps; also the mean number of requests that got a token per step."""
         sync()
         with profile(activities=activities) as prof:
-            start, done = time.perf_counter(), 0
+            start, done, rows = time.perf_counter(), 0, 0
             while done < n and engine_.has_unfinished_requests():
-                engine_.step()
+                rows += len(engine_.step())
                 done += 1
             sync()
-        return prof, time.perf_counter() - start, done
+        return prof, time.perf_counter() - start, done, rows / max(done, 1)
 
     def measure(dtype: str) -> dict[str, Any]:
         with engine(model, dtype, **engine_kw) as (llm, tap):
@@ -404,14 +407,14 @@ def suite_profile(args, shape: str) -> dict[str, Any]:
                 started |= {o.request_id for o in engine_.step() if o.outputs and o.outputs[0].token_ids}
             for _ in range(3):
                 engine_.step()
-            prof, seconds, n = timed_steps(engine_, args.profile_steps)
-            decode = {"batch": len(load), "steps": n, "wall_ms_per_step": seconds / n * 1e3, **kernel_breakdown(prof, n)}
+            prof, seconds, n, batch = timed_steps(engine_, args.profile_steps)
+            decode = {"batch": batch, "steps": n, "wall_ms_per_step": seconds / n * 1e3, **kernel_breakdown(prof, n)}
             for i in range(len(load)):
                 engine_.abort_request([f"d{i}"])
             for i, (ids, _) in enumerate(load):  # other ids than the decode phase's: no prefix-cache hits
                 fresh = [t + 1 for t in ids]
                 engine_.add_request(f"p{i}", TokensPrompt(prompt_token_ids=fresh), SamplingParams(max_tokens=1, detokenize=False))
-            prof, seconds, n = timed_steps(engine_, 10_000)
+            prof, seconds, n, _ = timed_steps(engine_, 10_000)
             tokens = sum(len(ids) for ids, _ in load)
             prefill = {"prompt_tokens": tokens, "steps": n, "prompt_tokens_per_s": tokens / seconds,
                        "wall_ms_per_step": seconds / n * 1e3, **kernel_breakdown(prof, n)}  # fmt: skip
