@@ -14,7 +14,7 @@ written to the tail. The order matters because a completed block's tail slot is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -40,6 +40,27 @@ class StepPlan:
     @property
     def num_reqs(self) -> int:
         return self.past_lens.shape[0]
+
+    def to(self, device: torch.device, block_table: torch.Tensor | None = None) -> StepPlan:
+        """The plan on ``device`` in one host-to-device copy (every index array packed into one buffer).
+
+        Built on the host from what the scheduler already knows, a step's plan costs one copy instead of ~25 small
+        kernels and ~6 device-to-host syncs. ``block_table``: the device copy vLLM already holds, if any.
+        """
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        if block_table is not None:
+            arrays.pop("block_table")
+        flat = torch.cat([a.reshape(-1) for a in arrays.values()])
+        if flat.device.type == "cpu" and torch.device(device).type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)
+        moved, offset = {}, 0
+        for name, a in arrays.items():
+            moved[name] = flat[offset : offset + a.numel()].view(a.shape)
+            offset += a.numel()
+        if block_table is not None:
+            moved["block_table"] = block_table
+        return replace(self, **moved)
 
 
 def build_step_plan(

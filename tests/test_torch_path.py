@@ -178,3 +178,18 @@ def test_multi_step_history(bits, meta_bits, shared, dtype) -> None:
         out, expected = sim.step(q_lens)
         torch.testing.assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype])
     assert sim.lens == totals
+
+
+def test_plan_moves_to_the_device_in_one_buffer_with_every_field_intact() -> None:
+    from dataclasses import fields
+
+    plan = case_for(num_kv_heads=2, num_q_heads=4).plan
+    moved = plan.to(torch.device("cpu"))
+    for f in fields(plan):
+        before, after = getattr(plan, f.name), getattr(moved, f.name)
+        if isinstance(before, torch.Tensor):
+            assert after.dtype == before.dtype and torch.equal(after, before), f.name
+        else:
+            assert after == before, f.name
+    table = plan.block_table.clone()
+    assert plan.to(torch.device("cpu"), block_table=table).block_table is table  # vLLM's own device copy, reused

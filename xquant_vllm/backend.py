@@ -71,10 +71,10 @@ class XQuantBackend(AttentionBackend):
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
         """The key group of this engine's preset (vLLM asks this after our config check set it)."""
-        from vllm.config import get_current_vllm_config
+        from vllm.config import get_current_vllm_config_or_none
 
-        vllm_config = get_current_vllm_config()
-        if vllm_config.model_config is None:  # asked outside an engine: nothing to choose from
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is None or vllm_config.model_config is None:  # asked outside an engine
             return default_block_size
         return engine_quant_config(vllm_config).block_size
 
@@ -157,16 +157,19 @@ class StepPlanner:
         """The step's plan; the builders of all attention groups get the same ``cm`` object within a step."""
         if self._last is not None and self._last[0] is cm:
             return self._last[1]
+        # Built on the host (the allocator needs the lengths and block ids there anyway), then moved in one copy:
+        # two device-to-host reads per step, whatever the batch.
         R = cm.num_reqs
-        qsl = cm.query_start_loc[: R + 1]
-        seq_lens = cm.seq_lens[:R]
+        qsl = cm.query_start_loc_cpu[: R + 1]
+        seq_lens = cm.seq_lens[:R].cpu()
         past = seq_lens - (qsl[1:] - qsl[:-1])
         block_table = cm.block_table_tensor[:R]
-        past_cpu, seq_cpu = past.tolist(), seq_lens.tolist()
-        slots = self.allocator.assign(past_cpu, seq_cpu, block_table.cpu().numpy())
+        host_table = block_table.cpu()
+        slots = self.allocator.assign(past.tolist(), seq_lens.tolist(), host_table.numpy())
         # A row without a tail never reads its slot (nothing cached past the last block, nothing left over).
-        tail_slot = torch.tensor([0 if s == NO_SLOT else s for s in slots], dtype=torch.int32, device=self.device)
-        plan = build_step_plan(qsl, past, block_table, tail_slot, self.block_size)
+        tail_slot = torch.tensor([0 if s == NO_SLOT else s for s in slots], dtype=torch.int32)
+        plan = build_step_plan(qsl, past, host_table, tail_slot, self.block_size)
+        plan = plan.to(self.device, block_table=block_table if block_table.dtype == torch.int32 else None)
         self._last = (cm, plan)
         return plan
 
