@@ -488,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, torn down in turn
+    if args.tp > 1:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off: the multi-GPU machines require it
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_s:
         DEADLINE[0] = time.perf_counter() + args.budget_s
