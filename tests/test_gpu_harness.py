@@ -91,8 +91,10 @@ def test_report_bits_per_element_are_budget_over_tokens() -> None:
     report = load("report")
     cap = report.capacity("llama3-8b", ("capacity-llama3-8b-peers.json", "capacity-llama3-8b-ours.json"))
     budget = cap["kv_cache_memory_bytes"]
-    for dtype, row in cap["rows"].items():
+    for row in cap["rows"].values():
         if "kv_cache_tokens" in row:  # 32 layers x K,V x 8 heads x 128 dims per token
             assert row["bits_per_element"] == pytest.approx(budget * 8 / (row["kv_cache_tokens"] * 32 * 2 * 8 * 128))
     assert cap["rows"]["auto"]["bits_per_element"] == pytest.approx(16, rel=1e-3)  # vLLM's bf16: nothing else in it
     assert cap["rows"]["fp8"]["bits_per_element"] == pytest.approx(8, rel=1e-3)
+    with pytest.raises(ValueError, match="different KV budgets"):  # rows from two budgets are not comparable
+        report.capacity("llama3-8b", ("capacity-llama3-8b-peers.json", "capacity-smollm2-rest.json"))

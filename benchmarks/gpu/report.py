@@ -41,7 +41,10 @@ def rows_of(*names: str) -> dict[str, dict[str, Any]]:
 def capacity(model: str, files: tuple[str, ...]) -> dict[str, Any]:
     """Tokens and concurrency per dtype at one KV budget, with the bits per element that budget implies."""
     meta = load(files[0])
-    budget = next(load(f)["kv_cache_memory_bytes"] for f in files)
+    budgets = {load(f)["kv_cache_memory_bytes"] for f in files}
+    if len(budgets) != 1:
+        raise ValueError(f"{model}: the capacity files {files} were measured at different KV budgets {budgets}")
+    budget = budgets.pop()
     layers, heads, dim = SHAPES[model]
     rows, auto, fp8 = {}, None, None
     for dtype, r in rows_of(*files).items():
@@ -163,7 +166,7 @@ def plot(s: dict[str, Any]) -> None:
               "xquant store": "#c44e52", "other": "#8172b3", "host": "#cccccc"}  # fmt: skip
     fig, ax = plt.subplots(figsize=(8, 3.6))
     labelled: set[str] = set()
-    for y, (d, r) in enumerate(prof.items()):
+    for y, r in enumerate(prof.values()):
         left = 0.0
         for kind, width in [*r["gpu_ms_by_kind"].items(), ("host", r["host_ms_per_step"])]:
             label = None if kind in labelled else ("host (no GPU kernel running)" if kind == "host" else kind)

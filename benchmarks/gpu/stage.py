@@ -89,7 +89,7 @@ def tree_bytes() -> int:
     return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file())
 
 
-def manifest(kind: str, name: str, parts: list[tuple[str, bytes]], whole: bytes) -> str:
+def manifest(name: str, parts: list[tuple[str, bytes]], whole: bytes) -> str:
     lines = [f"bundle {name} {hashlib.sha256(whole).hexdigest()} {len(whole)}"]
     lines += [f"part {p} {hashlib.sha256(d).hexdigest()} {len(d)}" for p, d in parts]
     return "\n".join(lines) + "\n"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             parts.append((call, f"{'bundle' if kind == 'vllm' else 'assets'}.part.{len(parts):02d}", data[offset : offset + take]))
             offset += take
             free -= take
-        text = manifest(kind, f"{kind}-{hashlib.sha256(data).hexdigest()[:12]}", [(n, d) for _, n, d in parts], data)
+        text = manifest(f"{kind}-{hashlib.sha256(data).hexdigest()[:12]}", [(n, d) for _, n, d in parts], data)
         for i, (c, name, d) in enumerate(parts):
             folder = out / f"c{c}" / kind / f"p{i:02d}"
             folder.mkdir(parents=True)
