@@ -1,1 +1,1 @@
-"""OpenAI-compatible server on vLLM's async engine."""
+"""``xquant-vllm serve``: vLLM's own OpenAI-compatible server with this package's defaults and HTTP edges."""

