@@ -31,7 +31,8 @@ import triton.language as tl
 from xquant_vllm.config import LayerQuant
 from xquant_vllm.layout import PageLayout
 
-from .dequant import key_tile, load_key_page, load_value_rows, pair_order, value_tile
+from .decode import launch_decode
+from .dequant import calibration, key_tile, load_key_page, load_value_rows, pair_order, value_tile
 from .plan import StepPlan
 
 LOG2E = 1.4426950408889634
@@ -294,11 +295,6 @@ def _launch(
         _combine_kernel[(T, HQ)](part, ml, out, out.stride(0), out.stride(1), S, HQ, triton.next_power_of_2(S), D)
 
 
-def _calibration(eta: float) -> tuple[float, float]:
-    """``(eta, 1 - 2 eta)`` as the reference rounds them (each once to fp32; Triton passes floats as fp32)."""
-    return eta, 1.0 - 2.0 * eta
-
-
 def paged_attention_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -317,13 +313,16 @@ def paged_attention_triton(
     num_splits: int | None = None,
     tile_tokens: int | None = None,
     num_warps: int | None = None,
+    generic: bool = False,
 ) -> None:
     """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
 
     Semantics: xquant_vllm/quant/attention.py (paged rule, past-only). A shared layer reads the codes of the
-    shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. ``num_splits``, ``tile_tokens`` and
-    ``num_warps`` override the context split, the tokens per loop step and the warps per program (benchmark
-    sweeps).
+    shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. A decode step (``plan.max_query_len <= 1``)
+    runs the decode kernel (``decode.py``: key scales folded into the query, a launch CUDA graphs can capture),
+    any other step this module's kernel; ``generic=True`` forces the latter (tests, benchmark comparisons).
+    ``num_splits``, ``tile_tokens`` and ``num_warps`` override the context split, the tokens per loop step and
+    the warps per program (benchmark sweeps).
     """
     _check_common(query, key, out, layout.block, plan)
     if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
@@ -332,9 +331,15 @@ def paged_attention_triton(
         raise ValueError("pages (last axis), tail_k and tail_v must be contiguous")
     kc, kc_off = (lower_pages, lower_layout.k_codes_off) if lq.k_shared else (pages, layout.k_codes_off)
     vc, vc_off = (lower_pages, lower_layout.v_codes_off) if lq.v_shared else (pages, layout.v_codes_off)
+    etas = (calibration(lq.k_eta), calibration(lq.v_eta))
+    if plan.max_query_len <= 1 and not generic:
+        launch_decode(
+            query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout, (kc_off, vc_off), etas, scale,
+            num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps,
+        )  # fmt: skip
+        return
     offsets = (kc_off, vc_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)
     bits = (lq.k_bits, lq.v_bits, lq.meta_bits, layout.v_groups)
-    etas = (_calibration(lq.k_eta), _calibration(lq.v_eta))
     _launch(
         query, key, value, out, plan, scale, layout.block, False, kc, vc, pages, offsets, tail_k, tail_v, bits, etas,
         num_splits, tile_tokens, num_warps,
@@ -365,7 +370,7 @@ def paged_attention_fp_triton(
         raise ValueError("k_cache and v_cache must be contiguous [num_blocks, H, B, D]")
     offsets = (0, 0, 0, 0, 0)
     bits = (1, 1, 16, 1)
-    etas = (_calibration(0.0), _calibration(0.0))
+    etas = (calibration(0.0), calibration(0.0))
     _launch(
         query, key, value, out, plan, scale, block, True, k_cache, v_cache, k_cache, offsets, k_cache, v_cache,
         bits, etas, num_splits, tile_tokens, num_warps,

@@ -22,13 +22,22 @@ turned into one FMA); attention does not need it and keeps fusion on.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # The interpreter (CI) runs no PTX: unpack_words then takes its plain-Triton twin.
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@functools.cache
+def calibration(eta: float) -> tuple[float, float]:
+    """``(eta, 1 - 2 eta)``, each rounded once to fp32 as the reference's ``torch.tensor(x, dtype=float32)``: the
+    calibration arguments of every kernel (the store needs them bit-exact, attention passes the same)."""
+    return float(torch.tensor(eta, dtype=torch.float32)), float(torch.tensor(1.0 - 2.0 * eta, dtype=torch.float32))
 
 
 @triton.jit
