@@ -10,6 +10,10 @@ Attention reads the cache as it was *before* the step (past-only) plus the chunk
 it, in two launches: first every block that this step completes is quantized (its first ``full_tail_count``
 tokens come from the tail, the rest from the step's rows), then the rows that remain in a partial block are
 written to the tail. The order matters because a completed block's tail slot is reused by the next block.
+
+A decode step (one token per row) needs none of the store's index arrays: each row completes its block exactly
+when ``past % B == B - 1``, which the store kernel decides on the device (``device_store``). Such a plan is made
+of fixed-address buffers only, so a CUDA graph can capture the layers that read it.
 """
 
 from __future__ import annotations
@@ -36,22 +40,31 @@ class StepPlan:
     tail_dst: torch.Tensor  # int32 [NT] slot * B + position in block
     max_query_len: int
     max_past_len: int
+    device_store: bool = False  # the store decides per row on the device; full_* and tail_* are empty
 
     @property
     def num_reqs(self) -> int:
         return self.past_lens.shape[0]
 
     def to(self, device: torch.device, block_table: torch.Tensor | None = None) -> StepPlan:
-        """The plan on ``device`` in one host-to-device copy (every index array packed into one buffer).
+        """The plan on ``device`` in one host-to-device copy (every host index array packed into one buffer).
 
         Built on the host from what the scheduler already knows, a step's plan costs one copy instead of ~25 small
-        kernels and ~6 device-to-host syncs. ``block_table``: the device copy vLLM already holds, if any.
+        kernels and ~6 device-to-host syncs. Arrays already on ``device`` stay where they are. ``block_table``:
+        the device copy vLLM already holds, if any.
         """
-        arrays = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        device = torch.device(device)
+        arrays = {
+            f.name: value
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor) and value.device.type != device.type
+        }
         if block_table is not None:
-            arrays.pop("block_table")
+            arrays.pop("block_table", None)
+        if not arrays:
+            return self if block_table is None else replace(self, block_table=block_table)
         flat = torch.cat([a.reshape(-1) for a in arrays.values()])
-        if flat.device.type == "cpu" and torch.device(device).type == "cuda":
+        if flat.device.type == "cpu" and device.type == "cuda":
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=True)
         moved, offset = {}, 0
@@ -70,7 +83,11 @@ def build_step_plan(
     tail_slot: torch.Tensor,
     block_size: int,
 ) -> StepPlan:
-    """Derive the store plan from the batch description (vectorized; on the batch's device)."""
+    """Derive the store plan from the batch description (vectorized, on the device of ``query_start_loc``).
+
+    ``block_table`` may live elsewhere (vLLM's device copy while the rest is on the host): the ids of the completed
+    blocks are gathered there, so the host never needs the table.
+    """
     B = block_size
     qsl = query_start_loc.long()
     past = past_lens.long()
@@ -83,7 +100,8 @@ def build_step_plan(
     completes = pos % B == B - 1
     f_req, f_blk = req[completes], pos[completes] // B
     first_pos = torch.maximum(f_blk * B, past[f_req])
-    full_ids = block_table.long()[f_req, f_blk]
+    table = block_table.long()
+    full_ids = table[f_req.to(table.device), f_blk.to(table.device)]
 
     stays = pos >= (seq_after[req] // B) * B
     t_rows = rows[stays]

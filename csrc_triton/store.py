@@ -16,6 +16,11 @@ supported shapes (every section is a multiple of 16 bytes), so a page equals ``w
 
 Launch 2, one program per (tail row, KV head): copy the rows that stay in a partial block into the tail. It
 runs after launch 1, which may still read the tail slot it overwrites.
+
+A decode plan (``plan.device_store``) takes one launch instead, one program per (request, KV head), sized by the
+batch alone: the row at ``past % B == B - 1`` quantizes its block (``B - 1`` tokens from its tail slot and
+itself), any other row joins its tail. Within a decode step no row's tail slot is another's, so the one launch
+has no order to keep.
 """
 
 from __future__ import annotations
@@ -125,25 +130,19 @@ def _load_block(new_ptr, row_stride, head_off, tail, from_tail, rows, B: tl.cons
 
 
 @triton.jit
-def _store_blocks_kernel(
-    key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh,
-    tail_k_ptr, tail_v_ptr, t_ss, t_sh,
-    pages_ptr, p_sb, p_sh,
-    block_ids, tail_slots, tail_counts, row_starts,
-    k_eta, k_ome, v_eta, v_ome,
+def _quantize_block(
+    key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, t_ss, t_sh, pages_ptr, p_sb, p_sh,
+    blk, slot, count, row_start, h, k_eta, k_ome, v_eta, v_ome,
     B: tl.constexpr, D: tl.constexpr, NV: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     META_BITS: tl.constexpr, DTYPE: tl.constexpr,
     SUPER_OFF: tl.constexpr, KC_OFF: tl.constexpr, VC_OFF: tl.constexpr, KM_OFF: tl.constexpr,
     VM_OFF: tl.constexpr,
 ):  # fmt: skip
-    i = tl.program_id(0)
-    h = tl.program_id(1)
-    blk = tl.load(block_ids + i).to(tl.int64)
-    slot = tl.load(tail_slots + i).to(tl.int64)
-    count = tl.load(tail_counts + i)
+    """Quantize block ``blk`` of KV head ``h`` into its page: its first ``count`` tokens from tail ``slot``, the rest
+    from the rows starting at ``row_start``."""
     t = tl.arange(0, B)
     from_tail = t < count
-    rows = (tl.load(row_starts + i) + t - count).to(tl.int64)
+    rows = (row_start + t - count).to(tl.int64)
     page = pages_ptr + blk * p_sb + h * p_sh
     tail_off = slot * t_ss + h * t_sh
 
@@ -171,18 +170,77 @@ def _store_blocks_kernel(
 
 
 @triton.jit
+def _store_blocks_kernel(
+    key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh,
+    tail_k_ptr, tail_v_ptr, t_ss, t_sh,
+    pages_ptr, p_sb, p_sh,
+    block_ids, tail_slots, tail_counts, row_starts,
+    k_eta, k_ome, v_eta, v_ome,
+    B: tl.constexpr, D: tl.constexpr, NV: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    META_BITS: tl.constexpr, DTYPE: tl.constexpr,
+    SUPER_OFF: tl.constexpr, KC_OFF: tl.constexpr, VC_OFF: tl.constexpr, KM_OFF: tl.constexpr,
+    VM_OFF: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    _quantize_block(
+        key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, t_ss, t_sh, pages_ptr, p_sb, p_sh,
+        tl.load(block_ids + i).to(tl.int64), tl.load(tail_slots + i).to(tl.int64), tl.load(tail_counts + i),
+        tl.load(row_starts + i), tl.program_id(1), k_eta, k_ome, v_eta, v_ome,
+        B, D, NV, K_BITS, V_BITS, META_BITS, DTYPE, SUPER_OFF, KC_OFF, VC_OFF, KM_OFF, VM_OFF,
+    )  # fmt: skip
+
+
+@triton.jit
+def _copy_row(key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, row, off, h, D: tl.constexpr):
+    """Row ``row`` of KV head ``h`` into the tails at element offset ``off``."""
+    d = tl.arange(0, D)
+    tl.store(tail_k_ptr + off + d, tl.load(key_ptr + row * k_sr + h * k_sh + d))
+    tl.store(tail_v_ptr + off + d, tl.load(value_ptr + row * v_sr + h * v_sh + d))
+
+
+@triton.jit
+def _store_decode_kernel(
+    key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh,
+    tail_k_ptr, tail_v_ptr, t_ss, t_sh,
+    pages_ptr, p_sb, p_sh,
+    qsl_ptr, past_ptr, bt_ptr, bt_stride, slot_ptr,
+    k_eta, k_ome, v_eta, v_ome,
+    B: tl.constexpr, D: tl.constexpr, NV: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    META_BITS: tl.constexpr, DTYPE: tl.constexpr,
+    SUPER_OFF: tl.constexpr, KC_OFF: tl.constexpr, VC_OFF: tl.constexpr, KM_OFF: tl.constexpr,
+    VM_OFF: tl.constexpr,
+):  # fmt: skip
+    """One program per (request, KV head) of a decode step: its one row completes its block (quantized from the
+    tail and the row) or joins the tail. Rows without a token (padding of a captured batch) do nothing."""
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.load(qsl_ptr + r)
+    if tl.load(qsl_ptr + r + 1) - row == 1:
+        pos = tl.load(past_ptr + r)
+        slot = tl.load(slot_ptr + r).to(tl.int64)
+        if pos % B == B - 1:
+            blk = tl.load(bt_ptr + r.to(tl.int64) * bt_stride + pos // B).to(tl.int64)
+            _quantize_block(
+                key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, t_ss, t_sh, pages_ptr, p_sb,
+                p_sh, blk, slot, B - 1, row, h, k_eta, k_ome, v_eta, v_ome,
+                B, D, NV, K_BITS, V_BITS, META_BITS, DTYPE, SUPER_OFF, KC_OFF, VC_OFF, KM_OFF, VM_OFF,
+            )  # fmt: skip
+        else:
+            off = slot * t_ss + h * t_sh + (pos % B) * D
+            _copy_row(key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, row.to(tl.int64), off, h, D)
+
+
+@triton.jit
 def _store_tail_kernel(
     key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, t_ss, t_sh, tail_rows, tail_dst,
     B: tl.constexpr, D: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
     h = tl.program_id(1)
-    row = tl.load(tail_rows + i).to(tl.int64)
     dst = tl.load(tail_dst + i).to(tl.int64)
-    d = tl.arange(0, D)
-    off = (dst // B) * t_ss + h * t_sh + (dst % B) * D + d
-    tl.store(tail_k_ptr + off, tl.load(key_ptr + row * k_sr + h * k_sh + d))
-    tl.store(tail_v_ptr + off, tl.load(value_ptr + row * v_sr + h * v_sh + d))
+    off = (dst // B) * t_ss + h * t_sh + (dst % B) * D
+    row = tl.load(tail_rows + i).to(tl.int64)
+    _copy_row(key_ptr, k_sr, k_sh, value_ptr, v_sr, v_sh, tail_k_ptr, tail_v_ptr, row, off, h, D)
 
 
 @functools.cache
@@ -228,17 +286,28 @@ def store_kv_triton(
     _check(key, value, pages, tail_k, tail_v, B, D)
     rows = (key, key.stride(0), key.stride(1), value, value.stride(0), value.stride(1))
     tails = (tail_k, tail_v, tail_k.stride(0), tail_k.stride(1))
+    quant = dict(
+        B=B, D=D, NV=layout.v_groups, K_BITS=layout.k_bits, V_BITS=layout.v_bits,
+        META_BITS=layout.meta_bits, DTYPE=TL_DTYPES[key.dtype],
+        SUPER_OFF=layout.super_off, KC_OFF=layout.k_codes_off, VC_OFF=layout.v_codes_off,
+        KM_OFF=layout.k_meta_off, VM_OFF=layout.v_meta_off,
+        enable_fp_fusion=False,
+    )  # fmt: skip
+    etas = (*_calibration(lq.k_eta), *_calibration(lq.v_eta))
+    if plan.device_store:  # one launch, sized by the batch alone: capturable
+        if plan.max_query_len > 1:
+            raise ValueError(f"plan.device_store needs a decode step (max_query_len {plan.max_query_len} > 1)")
+        _store_decode_kernel[(plan.num_reqs, H)](
+            *rows, *tails, pages, pages.stride(0), pages.stride(1),
+            plan.query_start_loc, plan.past_lens, plan.block_table, plan.block_table.stride(0), plan.tail_slot,
+            *etas, **quant,
+        )  # fmt: skip
+        return
     nf = plan.full_block_ids.numel()
     if nf:
         _store_blocks_kernel[(nf, H)](
             *rows, *tails, pages, pages.stride(0), pages.stride(1),
-            plan.full_block_ids, plan.full_tail_slot, plan.full_tail_count, plan.full_row_start,
-            *_calibration(lq.k_eta), *_calibration(lq.v_eta),
-            B=B, D=D, NV=layout.v_groups, K_BITS=layout.k_bits, V_BITS=layout.v_bits,
-            META_BITS=layout.meta_bits, DTYPE=TL_DTYPES[key.dtype],
-            SUPER_OFF=layout.super_off, KC_OFF=layout.k_codes_off, VC_OFF=layout.v_codes_off,
-            KM_OFF=layout.k_meta_off, VM_OFF=layout.v_meta_off,
-            enable_fp_fusion=False,
+            plan.full_block_ids, plan.full_tail_slot, plan.full_tail_count, plan.full_row_start, *etas, **quant,
         )  # fmt: skip
     nt = plan.tail_rows.numel()
     if nt:

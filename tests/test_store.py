@@ -6,6 +6,7 @@ anything); with CUDA the same cases run compiled on the GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -30,15 +31,23 @@ B = 16
 # one that stays in the tail; a request with no rows.
 STEPS = {
     "decode": ([B - 1, 2 * B - 1, 0, 5, B], [1, 1, 1, 1, 1]),
+    "padded": ([3, B - 1, 0, 7, 3 * B - 1, 2], [1, 1, 0, 1, 1, 0]),  # a captured batch's padding rows have no token
     "chunked": ([0, 1, B // 2 + 1, B, 2 * B + 3, 3], [3, 2 * B + 1, B // 2 - 1, B, 5, 0]),
 }
 
 
-def check_store(case: KernelCase) -> None:
-    """Run the kernel on ``case`` and compare pages and tails byte for byte with the reference."""
+def check_store(case: KernelCase, device_store: bool = False) -> None:
+    """Run the kernel on ``case`` and compare pages and tails byte for byte with the reference.
+
+    ``device_store``: the decode path, from a plan without the store's index arrays (each row decides on the device).
+    """
     expected = case.expected_store()
     untouched = torch.ones(case.pages.shape[0], dtype=torch.bool)
     untouched[case.plan.full_block_ids.long()] = False
+    if device_store:
+        empty = torch.zeros(0, dtype=torch.int32)
+        store_only = ("full_block_ids", "full_tail_slot", "full_tail_count", "full_row_start", "tail_rows", "tail_dst")
+        case.plan = dataclasses.replace(case.plan, device_store=True, **dict.fromkeys(store_only, empty))
     dev = case.to(DEVICE)
     store_kv_triton(*dev.store_args())
     got = (dev.pages.cpu(), dev.tail_k.cpu(), dev.tail_v.cpu())
@@ -69,10 +78,34 @@ def case_for(
     )
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("step", ["decode", "chunked"])
 @pytest.mark.parametrize("bits", [(1, 1), (2, 2), (4, 4), (2, 1), (1, 4)])
 def test_bits(step: str, bits: tuple[int, int]) -> None:
     check_store(case_for(bits, step=step))
+
+
+@pytest.mark.parametrize(
+    "step,bits,meta_bits,shared,dtype,head_size",
+    [
+        ("decode", (2, 2), 16, (False, False), torch.float16, 64),
+        ("padded", (1, 2), 8, (False, False), torch.bfloat16, 128),
+        ("padded", (2, 1), 16, (True, False), torch.bfloat16, 64),
+        ("decode", (1, 1), 8, (True, True), torch.float16, 256),
+        ("padded", (4, 4), 16, (False, True), torch.float16, 64),
+    ],
+)
+def test_decode_store_decides_on_the_device(step, bits, meta_bits, shared, dtype, head_size) -> None:
+    """The decode path (one launch, no host-sized arrays) writes what the two-launch path writes, padding rows
+    included (they write nothing)."""
+    case = case_for(bits, step=step, meta_bits=meta_bits, shared=shared, dtype=dtype, head_size=head_size)
+    check_store(case, device_store=True)
+
+
+def test_decode_store_refuses_a_prefill_plan() -> None:
+    case = case_for((2, 2), step="chunked")
+    case.plan = dataclasses.replace(case.plan, device_store=True)
+    with pytest.raises(ValueError, match="max_query_len"):
+        store_kv_triton(*case.store_args())
 
 
 @pytest.mark.parametrize(
