@@ -1,8 +1,10 @@
-"""Check, then time, the Triton kernels on one GPU (issue 5), in one call.
+"""Check, then time, the Triton kernels on one GPU (issues 5 and 14), in one call.
 
 1. Checks every kernel against the reference on random inputs on the GPU: paged attention (bits 1/2/4, mixed,
    shared upper layers, 8-bit metadata, head sizes 64/128/256, GQA 1/3/4, fp16/bf16, decode and chunked
-   prefill), the bf16 baseline kernel, and quantize-and-store (bit-exact) when ``csrc_triton/store.py`` exists.
+   prefill; decode through the decode kernel and through the generic one), a decode launch captured in a CUDA
+   graph and replayed over a batch of other lengths, the bf16 baseline kernel, and quantize-and-store
+   (bit-exact) when ``csrc_triton/store.py`` exists.
 2. Measures the copy bandwidth (device-to-device copy, bytes read + written).
 3. Times decode attention (``triton.testing.do_bench``: CUDA events, median, warm-up excluded, L2 flushed
    before every call) for every preset against (a) the same kernel over a bf16 paged cache and (b) PyTorch SDPA
@@ -10,7 +12,9 @@
    layer kind timed once. Effective bandwidth counts the bytes a call must read.
 4. Times quantize-and-store (prefill and worst-case decode).
 
-Writes ``kernels_gpu.json``, ``kernels_gpu.png`` and ``kernels_gpu.cmd.txt`` into ``--out``.
+``--targets`` times only issue 14's points (and sweeps the decode kernel's launch knobs at 8B, 32 x 32k) and
+prints the table against the targets last. Writes ``kernels_gpu.json``, ``kernels_gpu.png`` and
+``kernels_gpu.cmd.txt`` into ``--out``.
 ``--replot JSON`` redraws the PNG from a JSON written earlier (for machines without matplotlib).
 """
 
@@ -47,6 +51,7 @@ def _import_kernels():
 
 kernels = _import_kernels()
 attention = __import__(f"{kernels.__name__}.attention", fromlist=["_"])
+decode_mod = __import__(f"{kernels.__name__}.decode", fromlist=["_"])
 try:
     store_mod = __import__(f"{kernels.__name__}.store", fromlist=["_"])
 except ModuleNotFoundError:
@@ -143,10 +148,15 @@ def run_checks() -> list[dict]:
     for name, case, (splits, tile) in attention_cases():
         ref = case.expected_attention()
         dcase = on_device(case, DEV)
-        out = dcase.poisoned_out()
-        attention.paged_attention_triton(*dcase.attention_args(out), num_splits=splits, tile_tokens=tile)
-        err = rel_err(out, ref)
-        results.append(dict(kernel="paged_attention", case=name, rel_err=err, ok=bool(err < TOL[case.dtype])))
+        for generic in (False, True) if max(case.q_lens) <= 1 else (False,):
+            out = dcase.poisoned_out()
+            attention.paged_attention_triton(
+                *dcase.attention_args(out), num_splits=splits, tile_tokens=tile, generic=generic
+            )
+            err = rel_err(out, ref)
+            kernel = "paged_attention (generic kernel)" if generic else "paged_attention (decode kernel)"
+            results.append(dict(kernel=kernel, case=name, rel_err=err, ok=bool(err < TOL[case.dtype])))
+    results.append(check_graph_replay())
     # the public dispatcher picks Triton on CUDA
     name, case, _ = attention_cases()[0]
     dcase = on_device(case, DEV)
@@ -164,6 +174,35 @@ def run_checks() -> list[dict]:
     for r in results:
         log(f"check {'ok  ' if r['ok'] else 'FAIL'} {r['kernel']}: {r['case']} err={r.get('rel_err', '')}")
     return results
+
+
+def check_graph_replay() -> dict:
+    """Capture one decode launch in a CUDA graph, then replay it over another batch of the same shapes (other
+    lengths, pages, tails, queries copied into the captured tensors): the launch must not bake in host values."""
+    lq, _ = layer_pair(2, 1, head_size=128, block=32, v_group=32)
+    past = ragged_past_lens(32) + [40 * 32 + 7, 300]
+    first, second = (
+        make_case(lq, past_lens=p, q_lens=[1] * len(p), num_kv_heads=2, num_q_heads=8, dtype=torch.bfloat16, seed=s)
+        for p, s in ((past, 21), (past[::-1], 22))
+    )
+    live, other = on_device(first, DEV), on_device(second, DEV)
+    out = live.poisoned_out()
+    name = "decode captured, replayed over reversed lengths"
+    if DEV != "cuda":
+        return dict(kernel="cuda graph", case=name + " (skipped on cpu)", ok=True)
+    attention.paged_attention_triton(*live.attention_args(out))  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attention.paged_attention_triton(*live.attention_args(out))
+    for f in ("query", "key", "value", "pages", "tail_k", "tail_v"):
+        getattr(live, f).copy_(getattr(other, f))
+    for f in ("query_start_loc", "past_lens", "block_table", "tail_slot"):
+        getattr(live.plan, f).copy_(getattr(other.plan, f))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    err = rel_err(out, second.expected_attention())
+    return dict(kernel="cuda graph", case=name, rel_err=err, ok=bool(err < TOL[torch.bfloat16]))
 
 
 def check_fp_baseline() -> dict:
@@ -357,6 +396,7 @@ def time_quant_kind(
     splits: int | None = None,
     tile: int | None = None,
     warps: int | None = None,
+    generic: bool = False,
 ) -> tuple[float, int]:
     H, dt = db.shape.num_kv_heads, db.shape.dtype
     layout = page_layout(lq, dt)
@@ -382,7 +422,10 @@ def time_quant_kind(
         lower_layout,
     )
     ms = bench(
-        lambda: attention.paged_attention_triton(*args, num_splits=splits, tile_tokens=tile, num_warps=warps), rep_ms
+        lambda: attention.paged_attention_triton(
+            *args, num_splits=splits, tile_tokens=tile, num_warps=warps, generic=generic
+        ),
+        rep_ms,
     )
     read = db.batch * (db.past // db.block) * H * page_read_bytes(layout) + db.tail_bytes() + db.io_bytes()
     del pages, lower_pages
@@ -438,7 +481,7 @@ def time_decode(args, copy_gbs: float) -> list[dict]:
     return rows
 
 
-def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs) -> list[dict]:
+def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs, generic_presets=()) -> list[dict]:
     point = dict(model=model, batch=batch, ctx=ctx)
 
     def row(method: str, ms: float, read: int, **extra) -> dict:
@@ -455,7 +498,8 @@ def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs) -> list[di
     sdpa_ms, read = time_sdpa_flash(db32, args.rep_ms)
     rows.append(row("sdpa-flash-contiguous", sdpa_ms, read))
     kind_cache: dict[tuple, tuple[float, int]] = {}
-    for preset in presets:
+    methods = [(preset, False) for preset in presets] + [(preset, True) for preset in generic_presets]
+    for preset, generic in methods:
         cfg = make_config(preset, num_layers=shape.num_layers, head_size=shape.head_size)
         B = cfg.block_size
         if B not in dbs:
@@ -464,16 +508,16 @@ def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs) -> list[di
         kinds = {}
         for kind, count in layer_kinds(cfg).items():
             lq = next(lq for lq in cfg.layers() if (lq.k_bits, lq.v_bits, lq.k_shared, lq.v_shared) == kind)
-            key = (kind, B, cfg.v_group, cfg.meta_bits)
+            key = (kind, B, cfg.v_group, cfg.meta_bits, generic)
             if key not in kind_cache:
-                kind_cache[key] = time_quant_kind(dbs[B], lq, args.rep_ms)
+                kind_cache[key] = time_quant_kind(dbs[B], lq, args.rep_ms, generic=generic)
             ms, read = kind_cache[key]
             kinds[str(kind)] = dict(layers=count, ms=ms, bytes_read=read)
             total_ms += count * ms / cfg.num_layers
             total_read += count * read / cfg.num_layers
         rows.append(
             row(
-                preset,
+                f"{preset} (generic kernel)" if generic else preset,
                 total_ms,
                 int(total_read),
                 speedup_vs_bf16=bf16_ms / total_ms,
@@ -509,6 +553,86 @@ def tile_sweep(args, copy_gbs: float) -> list[dict]:
         log(f"sweep {kernel} b={batch} ctx={ctx} tile={tile} splits={s or 'auto'} warps={warps or 'auto'}: "
             f"{ms * 1e3:.1f} us {gbs:.0f} GB/s")  # fmt: skip
     return rows
+
+
+# Issue 14: (model, batch, context) -> minimum speed-up over the bf16 paged kernel, per preset.
+TARGETS = {
+    ("llama3-8b", 32, 32768): {"xquant": 4.0, "kivi-2": 3.5},
+    ("llama3-8b", 8, 32768): {"xquant": 4.0, "kivi-2": 3.5},
+    ("llama3-8b", 128, 32768): {"xquant": 4.0, "kivi-2": 3.5},
+    ("llama3-8b", 32, 4096): {"xquant": 3.0},
+    ("smollm2", 32, 32768): {"xquant": 3.0},
+}
+MIN_FRAC_COPY_BW = 0.6  # xquant at the 8B points of 32k
+
+
+def time_targets(args, copy_gbs: float) -> list[dict]:
+    """Issue 14's points: bf16 paged, SDPA-flash, xquant and kivi-2 (decode kernel); at 8B 32 x 32k also xquant
+    through the generic kernel (the kernel before the decode path)."""
+    rows = []
+    for (model, batch, ctx), want in TARGETS.items():
+        shape, hq = MODELS[model]
+        generic = ["xquant"] if (model, batch) == ("llama3-8b", 32) or DEV == "cpu" else []
+        rows += time_point(args, shape, hq, model, batch, ctx, sorted(want), copy_gbs, generic)
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_sweep(args, copy_gbs: float) -> list[dict]:
+    """The decode kernel's launch knobs (tokens per step x warps x splits) for the 1- and 2-bit xquant layers at
+    Llama-3-8B, 32 x 32k (what the defaults should be)."""
+    shape, hq = MODELS["llama3-8b"]
+    batch, ctx = (32, 32768) if DEV == "cuda" else (2, 256)
+    db = DecodeBatch(shape, hq, batch, ctx, 32)
+    cfg = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size)
+    auto = decode_mod.decode_splits(batch, shape.num_kv_heads, db.plan.block_table.shape[1], torch.device(DEV))
+    rows = []
+    for name, lq in (("1-bit", cfg.layer(shape.num_layers - 2)), ("2-bit", cfg.layer(0))):
+        for tile in (64, 128):
+            for warps in (4, 8):
+                for splits in sorted({max(1, auto // 2), auto, 2 * auto}):
+                    ms, read = time_quant_kind(db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps)
+                    gbs = read / ms / 1e6
+                    rows.append(
+                        dict(layer=name, tile_tokens=tile, num_warps=warps, splits=splits, auto_splits=auto, ms=ms,
+                             gbs=gbs, frac_copy_bw=gbs / copy_gbs)
+                    )  # fmt: skip
+                    log(f"sweep {name} tile={tile} warps={warps} splits={splits}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
+    return rows
+
+
+def target_table(rows: list[dict], copy_gbs: float) -> tuple[list[str], dict]:
+    """The printed table (one line per point and preset) and the targets met / missed."""
+    at = collections.defaultdict(dict)
+    for r in rows:
+        at[(r["model"], r["batch"], r["ctx"])][r["method"]] = r
+    lines = [
+        f"copy bandwidth {copy_gbs:.0f} GB/s",
+        f"{'model':9s} {'batch':>5s} {'ctx':>6s} {'method':24s} {'us':>8s} {'bf16 us':>8s} {'sdpa us':>8s} "
+        f"{'vs bf16':>7s} {'vs sdpa':>7s} {'% copy':>6s} {'target':>6s}",
+    ]
+    verdict = {}
+    for point, want in TARGETS.items():
+        methods = at.get(point, {})
+        if "bf16-paged-triton" not in methods:
+            continue
+        bf16, sdpa = methods["bf16-paged-triton"]["ms"] * 1e3, methods["sdpa-flash-contiguous"]["ms"] * 1e3
+        for method, r in methods.items():
+            if "speedup_vs_bf16" not in r:
+                continue
+            goal = want.get(method)
+            met = None if goal is None else r["speedup_vs_bf16"] >= goal
+            if goal is not None:
+                verdict[f"{point[0]} {point[1]}x{point[2]} {method} >= {goal}x bf16"] = met
+            if method == "xquant" and point[0] == "llama3-8b" and point[2] == 32768:
+                verdict[f"{point[0]} {point[1]}x{point[2]} xquant >= 60% copy bw"] = r["frac_copy_bw"] >= MIN_FRAC_COPY_BW
+            lines.append(
+                f"{point[0]:9s} {point[1]:5d} {point[2]:6d} {method:24s} {r['ms'] * 1e3:8.1f} {bf16:8.1f} {sdpa:8.1f} "
+                f"{r['speedup_vs_bf16']:6.2f}x {r['speedup_vs_sdpa']:6.2f}x {r['frac_copy_bw']:6.0%} "
+                f"{'' if goal is None else ('met' if met else 'MISSED'):>6s}"
+            )
+    return lines, verdict
 
 
 def profile_one(args) -> None:
@@ -654,6 +778,7 @@ def main() -> None:
     ap.add_argument("--skip-checks", action="store_true")
     ap.add_argument("--replot", type=Path, help="redraw the PNG from this JSON and exit")
     ap.add_argument("--sweep", action="store_true", help="also sweep tokens per step x splits (with --quick: on)")
+    ap.add_argument("--targets", action="store_true", help="issue 14: its points only, a decode-knob sweep, the table")
     ap.add_argument("--profile-one", action="store_true", help="launch the two decode kernels once (for ncu) and exit")
     ap.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: test this script")
     args = ap.parse_args()
@@ -665,9 +790,10 @@ def main() -> None:
         args.presets = args.presets or ["xquant", "kivi-2"]
         args.sweep = True
     if args.dry_run:
-        global DEV
+        global DEV, TARGETS
         DEV = "cpu"
         args.batches, args.contexts = [2], [128, 256]
+        TARGETS = {(model, 2, 256): want for (model, _, _), want in TARGETS.items()}
     if args.profile_one:
         profile_one(args)
         return
@@ -692,10 +818,18 @@ def main() -> None:
     sections = [
         ("checks", lambda: [] if args.skip_checks else run_checks()),
         ("copy_gbs", lambda: copy_bandwidth(args.rep_ms)),
-        ("tile_sweep", lambda: tile_sweep(args, result["copy_gbs"]) if args.sweep else []),
-        ("decode", lambda: time_decode(args, result["copy_gbs"])),
-        ("store", lambda: time_store(args)),
     ]
+    if args.targets:
+        sections += [
+            ("decode", lambda: time_targets(args, result["copy_gbs"])),
+            ("decode_sweep", lambda: decode_sweep(args, result["copy_gbs"])),
+        ]
+    else:
+        sections += [
+            ("tile_sweep", lambda: tile_sweep(args, result["copy_gbs"]) if args.sweep else []),
+            ("decode", lambda: time_decode(args, result["copy_gbs"])),
+            ("store", lambda: time_store(args)),
+        ]
     for name, fn in sections:
         t0 = time.time()
         try:
@@ -708,6 +842,8 @@ def main() -> None:
     if isinstance(result.get("decode"), list):
         result["targets"] = targets(result["decode"])
         log(f"targets: {json.dumps(result['targets'], default=str)}")
+        if args.targets:
+            lines, result["issue14_targets"] = target_table(result["decode"], result["copy_gbs"])
     (args.out / "kernels_gpu.json").write_text(json.dumps(result, indent=1, default=str))
     try:
         plot(result, args.out / "kernels_gpu.png")
@@ -716,6 +852,18 @@ def main() -> None:
     checks = result.get("checks")
     if isinstance(checks, list):
         log(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok")
+    if args.targets and isinstance(result.get("decode"), list):
+        sweep = result.get("decode_sweep")
+        if isinstance(sweep, list) and sweep:
+            for layer in ("1-bit", "2-bit"):
+                best = min((r for r in sweep if r["layer"] == layer), key=lambda r: r["ms"])
+                log(f"sweep best {layer}: tile={best['tile_tokens']} warps={best['num_warps']} "
+                    f"splits={best['splits']} (auto {best['auto_splits']}): {best['ms'] * 1e3:.1f} us")  # fmt: skip
+        for line in lines:
+            print(line)
+        for name, met in result["issue14_targets"].items():
+            print(f"  {'met   ' if met else 'MISSED'} {name}")
+        return
     if isinstance(result.get("decode"), list):
         log("summary (us, speed-up vs bf16 paged, vs sdpa, fraction of copy bw):")
         for r in result["decode"]:

@@ -46,38 +46,41 @@ MAX_TILE_ELEMENTS = 128 * 128  # tokens x head size of one step: the unpacked ti
 
 
 @triton.jit
-def _online_update(s, m_i, l_i):
-    """Softmax bookkeeping for base-2 scores ``s`` [M, N] (masked entries -inf): ``(p, alpha, m, l)``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_update(s, shift, m_i, l_i):
+    """Softmax bookkeeping for base-2 scores ``s + shift`` [N, M] (keys x stacked rows; masked entries of ``s``
+    -inf; ``shift`` [M] a per-row constant, the folded key zero-points): ``(p, alpha, m, l)``. Adding ``shift``
+    to the row maxima instead of to ``s`` keeps it out of the MMA's accumulator."""
+    m_new = tl.maximum(m_i, tl.max(s, 0) + shift)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN from -inf - -inf
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+    p = tl.math.exp2(s + (shift - m_safe)[None, :])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 0)
 
 
 @triton.jit
-def _attend_full_precision(q, acc, m_i, l_i, k_rows, v_rows, channels, col_ok, qk_scale, DOT_F32: tl.constexpr):
-    """Attend to full-precision rows (the tail, the step's own token): keys/values start at ``k_rows``/``v_rows``
-    [N]; ``col_ok`` [M, N] says which (stacked row, key) pairs count; ``channels`` [D] is ``acc``'s column order.
-    ``DOT_F32``: dots in fp32 (the CPU interpreter computes bf16 dots wrongly)."""
-    rows_ok = tl.max(col_ok.to(tl.int32), 0) > 0
-    k = tl.load(k_rows[None, :] + tl.arange(0, q.shape[1])[:, None], mask=rows_ok[None, :], other=0.0)
+def _attend_full_precision(q_t, acc_t, m_i, l_i, k_rows, v_rows, channels, col_ok, qk_scale, DOT_F32: tl.constexpr):
+    """Attend to full-precision rows (the tail, the step's own token), transposed like the main loop: keys and
+    values start at ``k_rows``/``v_rows`` [N]; ``q_t`` [D, M]; ``col_ok`` [N, M] says which (key, stacked row)
+    pairs count; ``channels`` [D] is ``acc_t``'s row order. ``DOT_F32``: dots in fp32 (the CPU interpreter
+    computes bf16 dots wrongly)."""
+    rows_ok = tl.max(col_ok.to(tl.int32), 1) > 0
+    k = tl.load(k_rows[:, None] + tl.arange(0, q_t.shape[0])[None, :], mask=rows_ok[:, None], other=0.0)
     if DOT_F32:
-        q, k = q.to(tl.float32), k.to(tl.float32)
-    s = tl.where(col_ok, tl.dot(q, k) * qk_scale, float("-inf"))
-    p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-    v = tl.load(v_rows[:, None] + channels[None, :], mask=rows_ok[:, None], other=0.0)
+        q_t, k = q_t.to(tl.float32), k.to(tl.float32)
+    s = tl.where(col_ok, tl.dot(k, q_t) * qk_scale, float("-inf"))
+    p, alpha, m_i, l_i = _online_update(s, tl.zeros_like(m_i), m_i, l_i)
+    v = tl.load(v_rows[None, :] + channels[:, None], mask=rows_ok[None, :], other=0.0)
     if DOT_F32:
         v = v.to(tl.float32)
-    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
+    return acc_t * alpha[None, :] + tl.dot(v, p.to(v.dtype)), m_i, l_i
 
 
 @triton.jit
 def _key_meta(pages, ok, KEY_META_OFF: tl.constexpr, SUPER_OFF: tl.constexpr, D: tl.constexpr,
               META_BITS: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
-    """Raw key metadata of the pages ``pages`` [SL, 1] (byte pointers; zeros where ``ok``): ``(a, b, lo, hi)``
-    as :func:`dequant.group_params` takes them, ``a, b`` [SL, D] and ``lo, hi`` [SL, 1]."""
-    d = tl.arange(0, D)[None, :]
+    """Raw key metadata of the pages ``pages`` [1, SL] (byte pointers; zeros where ``ok``): ``(a, b, lo, hi)``
+    as :func:`dequant.group_params` takes them, ``a, b`` [D, SL] and ``lo, hi`` [1, SL]."""
+    d = tl.arange(0, D)[:, None]
     if META_BITS == 16:
         meta = (pages + KEY_META_OFF).to(tl.pointer_type(DTYPE))
         zero = tl.zeros(ok.shape, tl.float32)
@@ -120,7 +123,7 @@ def _load_step(
     DTYPE: tl.constexpr,
 ):
     """Every load of one step, not yet unpacked (so that the loop issues them a step ahead): key code words
-    [D, NB * words per row], key metadata [SL, D], value code words and metadata [NB * B, ...]."""
+    [D, NB * words per row], key metadata [D, SL], value code words and metadata [NB * B, ...]."""
     K_ROW_BITS: tl.constexpr = B * K_BITS
     K_WORDS: tl.constexpr = (K_ROW_BITS + 31) // 32
     col = tl.arange(0, NB * K_WORDS)
@@ -138,8 +141,8 @@ def _load_step(
     slot = tl.arange(0, SL)
     slot_ok = (slot < NB) & (j0 + slot < j_hi)
     slot_block = tl.load(table + j0 + slot, mask=slot_ok, other=0).to(tl.int64)
-    slot_pages = (meta_ptr + slot_block * meta_stride_block + head_off_meta)[:, None]
-    ka, kb, klo, khi = _key_meta(slot_pages, slot_ok[:, None], KEY_META_OFF, SUPER_OFF, D, META_BITS, DTYPE)
+    slot_pages = (meta_ptr + slot_block * meta_stride_block + head_off_meta)[None, :]
+    ka, kb, klo, khi = _key_meta(slot_pages, slot_ok[None, :], KEY_META_OFF, SUPER_OFF, D, META_BITS, DTYPE)
     tok_page = tl.arange(0, NB * B) // B
     tok_ok = j0 + tok_page < j_hi
     tok_block = tl.load(table + j0 + tok_page, mask=tok_ok, other=0).to(tl.int64)
@@ -191,12 +194,13 @@ def _decode_kernel(
     block_table_ptr,  # int32 [R, max_blocks]
     block_table_stride,
     tail_slot_ptr,  # int32 [R]
+    num_splits,  # S, the grid's third axis
     qk_scale,  # softmax scale * log2(e)
     key_eta,  # calibration (eta, 1 - 2 eta) of keys and values, fp32
     key_one_minus_2eta,
     value_eta,
     value_one_minus_2eta,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # S > 1: write partials for _combine_kernel
     MIN_BLOCKS: tl.constexpr,  # blocks a split takes at least
     H: tl.constexpr,
     G: tl.constexpr,  # query heads per KV head
@@ -224,50 +228,51 @@ def _decode_kernel(
     if tl.load(query_start_loc_ptr + r + 1) == q_row:  # no query row: batch padding or an idle request
         return
     DTYPE: tl.constexpr = tail_k_ptr.dtype.element_ty
-    SPLIT: tl.constexpr = NUM_SPLITS > 1
 
     # This split's whole blocks: ceil(n_full / S), rounded up to whole steps and at least MIN_BLOCKS.
     past = tl.load(past_lens_ptr + r)
     n_full = past // B
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(n_full, NUM_SPLITS), NB) * NB, MIN_BLOCKS)
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(n_full, num_splits), NB) * NB, MIN_BLOCKS)
     j_lo = split * per_split
     j_hi = tl.minimum(n_full, j_lo + per_split)
     g = tl.arange(0, GP)
     head_ok = g < G
     if SPLIT:
-        at = ((r * H + h) * G + g) * NUM_SPLITS + split
+        at = ((r * H + h) * G + g) * num_splits + split
         if (split > 0) & (j_lo >= n_full):  # nothing to read: an empty partial
             tl.store(partial_ml_ptr + at * 2, tl.full([GP], float("-inf"), tl.float32), mask=head_ok)
             tl.store(partial_ml_ptr + at * 2 + 1, tl.zeros([GP], tl.float32), mask=head_ok)
             return
 
-    # Stacked rows: row i = (page slot i // GP, query head i % GP).
+    # Stacked rows: row i = (page slot i // GP, query head i % GP). Everything runs transposed (keys or channels
+    # x rows): the MMAs are codes[N, D] @ Q_scaled[D, M] and values[D, N] @ p[N, M], so that the large operand
+    # takes the MMA's M side (warpgroup MMAs on Hopper) and the small stacked query its N side.
     i = tl.arange(0, M)
     row_slot = i // GP
     row_ok = (i % GP) < G
     d = tl.arange(0, D)
     q_heads = (h * G + g).to(tl.int64)
-    q = tl.load(
-        query_ptr + q_row.to(tl.int64) * query_stride_token + q_heads[:, None] * query_stride_head + d[None, :],
-        mask=head_ok[:, None],
+    q_t = tl.load(
+        query_ptr + q_row.to(tl.int64) * query_stride_token + q_heads[None, :] * query_stride_head + d[:, None],
+        mask=head_ok[None, :],
         other=0.0,
-    )  # [GP, D]
-    q_scaled = q.to(tl.float32) * qk_scale
-    q_stacked = tl.reshape(tl.broadcast_to(q[None, :, :], (SL, GP, D)), (M, D))  # the tail and own token
+    )  # [D, GP]
+    q_scaled = q_t.to(tl.float32) * qk_scale
+    q_stacked = tl.reshape(tl.broadcast_to(q_t[:, None, :], (D, SL, GP)), (D, M))  # for the tail and own token
 
     # Unpacked codes come in pair order (dequant.pair_order): key tokens are permuted within a page, so value
-    # rows are loaded in that order; value channels within a word, so acc's columns use that order.
+    # rows are loaded in that order; value channels within a word, so acc's rows use that order.
     K_PER_WORD: tl.constexpr = min(32, B * K_BITS) // K_BITS
     channels = pair_order(d, 32 // V_BITS)
     N: tl.constexpr = NB * B
     n = tl.arange(0, N)
     tok_page = n // B
     token_row = pair_order(n % B, K_PER_WORD)
-    own_page = row_slot[:, None] == tok_page[None, :]  # [M, N]: a row scores only its slot's page
+    own_page = (tok_page[:, None] == row_slot[None, :]) & row_ok[None, :]  # [N, M]: a row scores its slot's page
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    acc_t = tl.zeros([D, M], tl.float32)
 
     table = block_table_ptr + r * block_table_stride
     off_k = h * key_codes_stride_head
@@ -284,30 +289,30 @@ def _decode_kernel(
             value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
             KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
         )  # fmt: skip
-        k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [SL, D]
-        q_fold = tl.reshape(q_scaled[None, :, :] * k_scale[:, None, :], (M, D)).to(tl.float16)
-        bias = tl.sum(tl.reshape(q_scaled[None, :, :] * k_zero[:, None, :], (M, D)), 1)
-        codes = unpack_words(kw, K_BITS, K_PER_WORD)  # [D, N] fp16
-        s = tl.dot(q_fold, codes) + bias[:, None]
-        ok = own_page & ((j0 + tok_page) < j_hi)[None, :] & row_ok[:, None]
-        p, alpha, m_i, l_i = _online_update(tl.where(ok, s, float("-inf")), m_i, l_i)
-        v = value_tile(vw, va, vb, vlo, vhi, V_BITS, value_eta, value_one_minus_2eta, META_BITS)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [D, SL]
+        q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
+        bias = tl.sum(tl.reshape(k_zero[:, :, None] * q_scaled[:, None, :], (D, M)), 0)  # [M]
+        codes = tl.trans(unpack_words(kw, K_BITS, K_PER_WORD))  # [N, D] fp16
+        ok = own_page & ((j0 + tok_page) < j_hi)[:, None]
+        s = tl.where(ok, tl.dot(codes, q_fold), float("-inf"))
+        p, alpha, m_i, l_i = _online_update(s, bias, m_i, l_i)
+        v_t = tl.trans(value_tile(vw, va, vb, vlo, vhi, V_BITS, value_eta, value_one_minus_2eta, META_BITS))
+        acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p.to(tl.float16))
         kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = nxt
 
     if split == 0:  # the partial block (tail slot) and the step's own token, at full precision, slot 0's rows
         t = tl.arange(0, B)
-        first_slot = (row_slot == 0) & row_ok
+        first_slot = ((row_slot == 0) & row_ok)[None, :]
         n_part = past - n_full * B
         tail_at = (tl.load(tail_slot_ptr + r).to(tl.int64) * H + h) * B * D + t * D
-        ok = first_slot[:, None] & (t < n_part)[None, :]
-        acc, m_i, l_i = _attend_full_precision(
-            q_stacked, acc, m_i, l_i, tail_k_ptr + tail_at, tail_v_ptr + tail_at, channels, ok, qk_scale, DOT_F32
+        ok = first_slot & (t < n_part)[:, None]
+        acc_t, m_i, l_i = _attend_full_precision(
+            q_stacked, acc_t, m_i, l_i, tail_k_ptr + tail_at, tail_v_ptr + tail_at, channels, ok, qk_scale, DOT_F32
         )
         own = q_row.to(tl.int64) * kv_stride_token + h * kv_stride_head + t * 0
-        ok = first_slot[:, None] & (t == 0)[None, :]
-        acc, m_i, l_i = _attend_full_precision(
-            q_stacked, acc, m_i, l_i, key_ptr + own, value_ptr + own, channels, ok, qk_scale, DOT_F32
+        ok = first_slot & (t == 0)[:, None]
+        acc_t, m_i, l_i = _attend_full_precision(
+            q_stacked, acc_t, m_i, l_i, key_ptr + own, value_ptr + own, channels, ok, qk_scale, DOT_F32
         )
 
     # Merge the page slots of each query head (log-sum-exp), then store the split's partial or the output.
@@ -315,15 +320,15 @@ def _decode_kernel(
     m_head = tl.max(m3, 0)
     w = tl.where(m3 > float("-inf"), tl.math.exp2(m3 - tl.where(m_head > float("-inf"), m_head, 0.0)[None, :]), 0.0)
     l_head = tl.sum(tl.reshape(l_i, (SL, GP)) * w, 0)
-    acc_head = tl.sum(tl.reshape(acc, (SL, GP, D)) * w[:, :, None], 0)  # [GP, D]
+    acc_head = tl.sum(tl.reshape(acc_t, (D, SL, GP)) * w[None, :, :], 1)  # [D, GP]
     if SPLIT:
-        tl.store(partial_ptr + at[:, None] * D + channels[None, :], acc_head, mask=head_ok[:, None])
+        tl.store(partial_ptr + at[None, :] * D + channels[:, None], acc_head, mask=head_ok[None, :])
         tl.store(partial_ml_ptr + at * 2, m_head, mask=head_ok)
         tl.store(partial_ml_ptr + at * 2 + 1, l_head, mask=head_ok)
     else:
-        o = acc_head / tl.where(l_head > 0, l_head, 1.0)[:, None]
-        o_ptr = out_ptr + q_row.to(tl.int64) * out_stride_token + q_heads[:, None] * out_stride_head + channels[None, :]
-        tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+        o = acc_head / tl.where(l_head > 0, l_head, 1.0)[None, :]
+        o_ptr = out_ptr + q_row.to(tl.int64) * out_stride_token + q_heads[None, :] * out_stride_head + channels[:, None]
+        tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=head_ok[None, :])
 
 
 @triton.jit
@@ -439,12 +444,13 @@ def launch_decode(
         plan.block_table,
         plan.block_table.stride(0),
         plan.tail_slot,
+        S,
         scale * LOG2E,
         key_eta,
         key_ome,
         value_eta,
         value_ome,
-        NUM_SPLITS=S,
+        SPLIT=S > 1,
         MIN_BLOCKS=MIN_BLOCKS_PER_SPLIT,
         H=H,
         G=G,

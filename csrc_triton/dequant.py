@@ -68,12 +68,13 @@ def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
     if INTERPRET:
         lo = y.to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
         hi = (y >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
-    else:  # one packed subtraction; the two lanes are read in place (no PRMT repacking)
-        lo, hi = tl.inline_asm_elementwise(
-            "{ .reg .b32 t, m; mov.b32 m, 0x64006400; sub.rn.f16x2 t, $2, m; mov.b32 {$0, $1}, t; }",
-            "=h,=h,r", [y], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        codes = tl.join(lo, hi)
+    else:  # one packed subtraction on the register that holds both lanes (the halves re-pack into y itself)
+        halves = tl.join(y.to(tl.uint16), (y >> 16).to(tl.uint16))
+        codes = tl.inline_asm_elementwise(
+            "{ .reg .b32 m; mov.b32 m, 0x64006400; sub.rn.f16x2 $0, $1, m; }",
+            "=r,r", [halves], dtype=tl.float16, is_pure=True, pack=2,
         )  # fmt: skip
-    codes = tl.join(lo, hi)
     return tl.reshape(codes, (words.shape[0], words.shape[1] * PER_WORD))
 
 
