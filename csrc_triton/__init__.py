@@ -1,8 +1,11 @@
 """Quantize-and-store and paged attention over the quantized cache: Triton kernels and their PyTorch twins.
 
 ``store_kv`` and ``paged_attention`` pick the implementation from the device of the page tensor: Triton on
-CUDA, PyTorch elsewhere, or PyTorch everywhere when ``XQUANT_KERNELS=torch`` (to check the kernels against the
-reference path inside a GPU engine); each choice is logged once. The per-step batch description shared by both
+CUDA; on the CPU the C++ attention over the packed pages (:mod:`.cpu_attention`, built once per machine) with
+the PyTorch store, falling back to the PyTorch path with one log line if the extension cannot be built.
+``XQUANT_KERNELS=torch`` selects the PyTorch path everywhere (the reference, to check the others against it
+inside an engine); ``XQUANT_KERNELS=cpu`` insists on the C++ path on the CPU (a failed build is an error).
+Each choice is logged once. The per-step batch description shared by both
 is :class:`StepPlan` (built by :func:`build_step_plan`).
 """
 
@@ -33,25 +36,36 @@ class _Impl(NamedTuple):
     paged_attention: Callable[..., None]
 
 
-KERNELS_ENV = "XQUANT_KERNELS"  # "auto" (default) or "torch"
+KERNELS_ENV = "XQUANT_KERNELS"
+KERNEL_CHOICES = ("auto", "torch", "cpu")
 
 
 def _impl(device_type: str) -> _Impl:
     choice = os.environ.get(KERNELS_ENV, "auto")
-    if choice not in ("auto", "torch"):
-        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected 'auto' or 'torch'")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
     return _pick(device_type, choice)
 
 
 @functools.cache
 def _pick(device_type: str, choice: str) -> _Impl:
+    impl = _Impl("torch", store_kv_torch, paged_attention_torch)
     if device_type == "cuda" and choice == "auto":
         from .attention import paged_attention_triton
         from .store import store_kv_triton
 
         impl = _Impl("triton", store_kv_triton, paged_attention_triton)
-    else:
-        impl = _Impl("torch", store_kv_torch, paged_attention_torch)
+    elif device_type == "cpu" and choice in ("auto", "cpu"):
+        from . import cpu_attention
+
+        try:
+            cpu_attention.load_extension()
+            impl = _Impl("cpu", store_kv_torch, cpu_attention.paged_attention_cpu)
+        except Exception as e:  # no compiler, no ninja, a failed build: the reference path still serves
+            if choice == "cpu":
+                raise RuntimeError(f"{KERNELS_ENV}=cpu: the CPU attention extension did not build: {e}") from e
+            logger.warning("xquant CPU attention extension unavailable (%s: %s); using the PyTorch path",
+                           type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
     logger.info("xquant kernels on %s: %s implementation (%s=%s)", device_type, impl.name, KERNELS_ENV, choice)
     return impl
 

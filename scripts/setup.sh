@@ -51,6 +51,20 @@ else
     echo "$WANT" > "$STAMP"
 fi
 
+if [ "$BUILD" = cpu ]; then
+    # The CPU attention over packed pages is a small C++ extension: g++ from Debian where it is missing (CI runs
+    # this as root), then built into the xquant cache once per machine (a no-op when it is current). Without it
+    # the engine serves through the PyTorch path, saying so once in its log.
+    if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        step "installing g++ (Debian) for the CPU attention extension"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } \
+            || step "could not install g++: the engine will use the PyTorch path"
+    fi
+    step "building the CPU attention extension (once per machine, about a minute)"
+    "$PY" -m xquant_vllm.kernels.cpu_attention \
+        || step "the CPU attention extension did not build: the engine will use the PyTorch path"
+fi
+
 step "checking the imports"
 "$PY" -c 'import torch, transformers, vllm, xquant_vllm
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}, xquant-vllm {xquant_vllm.__version__}")'

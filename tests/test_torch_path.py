@@ -101,9 +101,12 @@ def test_empty_request_does_not_disturb_others() -> None:
     torch.testing.assert_close(out[:-2], attend(with_empty), rtol=0, atol=0)
 
 
-def test_dispatch_on_cpu_uses_torch_path() -> None:
+def test_dispatch_under_xquant_kernels_torch_uses_torch_path(monkeypatch) -> None:
+    monkeypatch.setenv("XQUANT_KERNELS", "torch")
     assert _impl("cpu").name == "torch"
+    monkeypatch.delenv("XQUANT_KERNELS")
     assert _impl("cuda").name == "triton"  # picked by name only: nothing runs on a GPU here
+    monkeypatch.setenv("XQUANT_KERNELS", "torch")
     case = case_for(num_kv_heads=1, num_q_heads=2)
     out = case.poisoned_out()
     paged_attention(*case.attention_args(out))

@@ -1,0 +1,132 @@
+"""The CPU fast path of ``paged_attention``: a small C++ extension that reads the packed pages directly.
+
+The PyTorch path (:mod:`.torch_ops`) dequantizes each request's whole history into the model dtype in every
+layer and step; this one unpacks the codes and dots them in one pass, with the scales and zero-points folded
+into the query and into the softmax weights (``csrc/cpu_attention.cpp`` explains the arithmetic), parallel over
+requests, KV heads and query tiles. It is built once per machine with ``torch.utils.cpp_extension`` (g++ and
+ninja; ``-march=native``, so the build folder is keyed by the CPU's instruction set) into the xquant cache;
+``scripts/setup.sh`` builds it ahead, otherwise the first call does (about a minute on 2 cores).
+
+Layers it does not cover (block or value group not a multiple of 16, a head size not a multiple of 64) go to
+the PyTorch path, call by call.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+
+import torch
+
+from xquant_vllm.config import LayerQuant
+from xquant_vllm.layout import PageLayout
+
+from .plan import StepPlan
+from .torch_ops import paged_attention_torch
+
+logger = logging.getLogger("xquant_vllm.kernels")
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-unused-function"]
+
+
+def _cpu_tag() -> str:
+    """What a ``-march=native`` binary depends on: the CPU's flags and the torch it was built against."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        flags = platform.processor()
+    digest = hashlib.sha256(f"{flags} {torch.__version__}".encode()).hexdigest()[:12]
+    return f"{platform.machine()}-{digest}"
+
+
+def build_directory() -> Path:
+    from xquant_vllm.bundled import cache_root
+
+    return cache_root() / "torch-extensions" / _cpu_tag()
+
+
+@functools.cache
+def load_extension():
+    """``torch.ops.xquant_cpu``, compiled on first use (cached per machine); raises if the build fails."""
+    from torch.utils import cpp_extension
+
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="xquant_cpu",
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )
+    return torch.ops.xquant_cpu
+
+
+def supported(lq: LayerQuant) -> bool:
+    """Shapes the extension handles (every preset's; the rest take the PyTorch path)."""
+    return lq.k_group % 16 == 0 and lq.head_size % 64 == 0 and lq.v_group % 16 == 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _layout_args(layout: PageLayout, lower_layout: PageLayout | None, k_shared: bool, v_shared: bool) -> list[int]:
+    """The 13 numbers the extension reads a page with (code offsets of the lower page where codes are borrowed)."""
+    if (k_shared or v_shared) and lower_layout is None:
+        raise ValueError("lower_layout: a layer that shares codes needs its lower partner's layout")
+    k_off = lower_layout.k_codes_off if k_shared else layout.k_codes_off
+    v_off = lower_layout.v_codes_off if v_shared else layout.v_codes_off
+    return [
+        layout.block, layout.head_size, layout.v_group, layout.k_bits, layout.v_bits, layout.meta_bits,
+        layout.super_off, k_off, v_off, int(k_shared), int(v_shared), layout.k_meta_off, layout.v_meta_off,
+    ]  # fmt: skip
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pages: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    plan: StepPlan,
+    lq: LayerQuant,
+    layout: PageLayout,
+    scale: float,
+    out: torch.Tensor,
+    lower_pages: torch.Tensor | None = None,
+    lower_layout: PageLayout | None = None,
+) -> None:
+    """Same contract as :func:`.torch_ops.paged_attention_torch` (fills every row of ``out``)."""
+    if not supported(lq):
+        paged_attention_torch(
+            query, key, value, pages, tail_k, tail_v, plan, lq, layout, scale, out, lower_pages, lower_layout
+        )
+        return
+    if (lq.k_shared or lq.v_shared) and lower_pages is None:
+        raise ValueError(f"lower_pages/lower_layout: layer {lq.index} shares codes with layer {lq.index - 1}")
+    load_extension().paged_attention(
+        query, key, value, pages, tail_k, tail_v, plan.query_start_loc, plan.past_lens, plan.block_table,
+        plan.tail_slot, lower_pages, _layout_args(layout, lower_layout, lq.k_shared, lq.v_shared),
+        lq.k_eta, lq.v_eta, scale, out,
+    )  # fmt: skip
+
+
+def main() -> int:
+    """Build the extension ahead of the first engine (``python -m xquant_vllm.kernels.cpu_attention``)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    load_extension()
+    logger.info("xquant CPU attention extension ready in %s", build_directory())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
