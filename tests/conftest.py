@@ -1,4 +1,4 @@
-"""Shared fixtures: the bundled SmolLM2 checkpoint, the essay corpus, and tiny random Llama checkpoints.
+"""Shared fixtures: the bundled checkpoints, the essay corpus, tiny random Llama checkpoints, in-process engines.
 
 The bundled assets live in the user cache (``$XQUANT_CACHE`` or ``~/.cache/xquant-vllm``) and are built once
 per machine, not per test run. Tiny models are random weights with SmolLM2's tokenizer, so that anything that
@@ -7,14 +7,18 @@ loads a checkpoint (transformers, vLLM) can run on a shape of the test's choosin
 
 from __future__ import annotations
 
+import gc
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from xquant_vllm.bundled import ensure_model
 from xquant_vllm.essays import Essay, load_essays
+from xquant_vllm.models import QWEN25_CODER
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -23,6 +27,39 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 def smollm2_dir() -> Path:
     """The bundled bf16 SmolLM2-135M-Instruct checkpoint (built on first use, about half a minute)."""
     return ensure_model()
+
+
+@pytest.fixture(scope="session")
+def qwen_dir() -> Path:
+    """The bf16 Qwen2.5-Coder-0.5B-Instruct checkpoint (built on first use: a 491 MB download, about two minutes)."""
+    return ensure_model(model=QWEN25_CODER.name)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine() -> Callable[..., Any]:
+    """``with vllm_engine(model_dir, kv_gib=1, **llm_kwargs) as llm``: an in-process vLLM engine (no spawned
+    engine core or worker, so it starts in seconds), shut down and its environment cache reset afterwards."""
+    pytest.importorskip("vllm")
+
+    @contextmanager
+    def engine(model: Path, kv_gib: int = 1, **kwargs: Any) -> Iterator[Any]:
+        import vllm.envs as envs
+        from vllm import LLM
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            mp.setenv("VLLM_CPU_KVCACHE_SPACE", str(kv_gib))
+            envs.disable_envs_cache()  # a previous engine froze the environment
+            llm = LLM(str(model), enforce_eager=True, **{"max_model_len": 1024, **kwargs})
+            try:
+                yield llm
+            finally:
+                llm.llm_engine.engine_core.shutdown()
+                del llm
+                gc.collect()
+                envs.disable_envs_cache()
+
+    return engine
 
 
 @pytest.fixture(scope="session")

@@ -130,3 +130,29 @@ def test_report_prints_capacity_and_quality(smollm2_dir: Path, tmp_path: Path, c
     assert "needle" in table
     assert _rows(table)["xquant"] == ["2.346"]
     assert _rows(table)["kivi-2"] == ["2.1", "0.75"]
+
+
+def test_prepare_builds_the_named_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture) -> None:
+    from xquant_vllm import bundled
+
+    built = []
+    monkeypatch.setattr(bundled, "ensure_model", lambda cache_dir, progress, model: built.append(model) or tmp_path)
+    assert _run(capsys, "prepare", "--quiet")[:2] == (0, f"{tmp_path}\n")
+    assert _run(capsys, "prepare", "qwen2.5-coder-0.5b", "--quiet")[0] == 0
+    assert built == ["smollm2", "qwen2.5-coder-0.5b"]
+    with pytest.raises(SystemExit):
+        cli.main(["prepare", "llama"])
+    assert "invalid choice: 'llama'" in capsys.readouterr().err
+
+
+def test_bits_knows_qwen_without_building_it(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _run(capsys, "bits", "qwen2.5-coder-0.5b", "--preset", "kivi-2")
+    assert code == 0
+    assert "Qwen2.5-Coder-0.5B-Instruct: 24 layers x 2 KV heads x head size 64, bfloat16" in out
+
+
+def test_report_bad_model_names_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _run(capsys, "report", "--quiet", "--model", str(tmp_path))
+    assert code == 2 and out == ""
+    assert str(tmp_path) in err and "config.json" in err

