@@ -314,6 +314,7 @@ def paged_attention_triton(
     tile_tokens: int | None = None,
     num_warps: int | None = None,
     generic: bool = False,
+    max_registers: int | None = None,
 ) -> None:
     """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
 
@@ -321,8 +322,8 @@ def paged_attention_triton(
     shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. A decode step (``plan.max_query_len <= 1``)
     runs the decode kernel (``decode.py``: key scales folded into the query, a launch CUDA graphs can capture),
     any other step this module's kernel; ``generic=True`` forces the latter (tests, benchmark comparisons).
-    ``num_splits``, ``tile_tokens`` and ``num_warps`` override the context split, the tokens per loop step and
-    the warps per program (benchmark sweeps).
+    ``num_splits``, ``tile_tokens``, ``num_warps`` and (decode) ``max_registers`` override the context split,
+    the tokens per loop step, the warps per program and the register cap (benchmark sweeps).
     """
     _check_common(query, key, out, layout.block, plan)
     if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
@@ -335,7 +336,7 @@ def paged_attention_triton(
     if plan.max_query_len <= 1 and not generic:
         launch_decode(
             query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout, (kc_off, vc_off), etas, scale,
-            num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps,
+            num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps, max_registers=max_registers,
         )  # fmt: skip
         return
     offsets = (kc_off, vc_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)

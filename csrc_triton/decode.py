@@ -258,7 +258,6 @@ def _decode_kernel(
         other=0.0,
     )  # [D, GP]
     q_scaled = q_t.to(tl.float32) * qk_scale
-    q_stacked = tl.reshape(tl.broadcast_to(q_t[:, None, :], (D, SL, GP)), (D, M))  # for the tail and own token
 
     # Unpacked codes come in pair order (dequant.pair_order): key tokens are permuted within a page, so value
     # rows are loaded in that order; value channels within a word, so acc's rows use that order.
@@ -304,6 +303,7 @@ def _decode_kernel(
         t = tl.arange(0, B)
         first_slot = ((row_slot == 0) & row_ok)[None, :]
         n_part = past - n_full * B
+        q_stacked = tl.reshape(tl.broadcast_to(q_t[:, None, :], (D, SL, GP)), (D, M))
         tail_at = (tl.load(tail_slot_ptr + r).to(tl.int64) * H + h) * B * D + t * D
         ok = first_slot & (t < n_part)[:, None]
         acc_t, m_i, l_i = _attend_full_precision(
@@ -393,6 +393,7 @@ def launch_decode(
     num_splits: int | None = None,
     tile_tokens: int | None = None,
     num_warps: int | None = None,
+    max_registers: int | None = None,
 ) -> None:
     """Launch the decode kernel (and the split merge). ``offsets``: the key and value code offsets in
     ``key_codes`` / ``value_codes`` pages; ``etas``: ``(eta, 1 - 2 eta)`` of keys and values. Shapes decide
@@ -471,6 +472,7 @@ def launch_decode(
         SUPER_OFF=max(layout.super_off, 0),
         DOT_F32=query.device.type != "cuda",
         num_warps=num_warps or 4,
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     if S > 1:
         _combine_kernel[(R, HQ)](
