@@ -98,3 +98,32 @@ def test_report_bits_per_element_are_budget_over_tokens() -> None:
     assert cap["rows"]["fp8"]["bits_per_element"] == pytest.approx(8, rel=1e-3)
     with pytest.raises(ValueError, match="different KV budgets"):  # rows from two budgets are not comparable
         report.capacity("llama3-8b", ("capacity-llama3-8b-peers.json", "capacity-smollm2-rest.json"))
+
+
+def _pid_and(value: int) -> dict:
+    import os
+
+    return {"pid": os.getpid(), "value": value}
+
+
+def _fail() -> None:
+    raise ValueError("the engine refused")
+
+
+def test_each_engine_runs_in_a_process_of_its_own() -> None:
+    import os
+
+    first, second = run.in_child(_pid_and, 1), run.in_child(_pid_and, 2)
+    assert (first["value"], second["value"]) == (1, 2)
+    assert len({first["pid"], second["pid"], os.getpid()}) == 3
+    row = run.attempt("failing", _fail)
+    assert not row["ok"] and "ValueError: the engine refused" in row["error"]
+
+
+def test_graph_mode_lines_are_read() -> None:
+    tap = run.LogTap()
+    for line in ["CUDAGraphMode.FULL_AND_PIECEWISE is not supported with XQuantBackend backend (support: NEVER)",
+                 "Graph capturing finished in 12 secs, took 0.41 GiB"]:  # fmt: skip
+        tap.emit(record(line))
+    got = tap.parsed()
+    assert got["cudagraph_downgrade"].startswith("CUDAGraphMode.FULL_AND_PIECEWISE") and got["graph_capture_s"] == 12.0

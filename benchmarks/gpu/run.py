@@ -11,8 +11,9 @@ Suites (``--suite``, repeatable; each writes ``<suite>.json`` into ``--out``):
 * ``throughput``: offline generation on a memory-bound load (fixed KV memory, token-id prompts, fixed output
   lengths): output tokens/s, requests/s, the decode batch sizes the scheduler reached, preemptions.
 
-Every engine of a suite runs in one process, one after the other (imports cost ~25 s each on the GPU machine);
-an engine that fails is recorded with its error and the suite goes on. Model shapes, dtypes and the workload are
+Every engine runs in a process of its own, forked from the driver after vLLM is imported (imports cost ~25 s on
+the GPU machine, once): two engines in one process crashed PyTorch's caching allocator on the H200 (issue 15).
+An engine that fails is recorded with its error and the suite goes on. Model shapes, dtypes and the workload are
 arguments, so the tensor-parallel issue reuses this file (``--tp``).
 
     python benchmarks/gpu/run.py --suite capacity --shape llama3-8b --out /tmp/r    # see benchmarks/gpu/README.md
@@ -24,6 +25,7 @@ import argparse
 import gc
 import json
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -60,7 +62,8 @@ class LogTap(logging.Handler):
     """
 
     SOURCES = ("vllm.v1.core.kv_cache_utils", "vllm.v1.worker.gpu_worker", "vllm.v1.worker.cpu_worker",
-               "vllm.platforms.cuda", "vllm.v1.attention.selector", "vllm.xquant", "xquant_vllm.kernels")  # fmt: skip
+               "vllm.platforms.cuda", "vllm.v1.attention.selector", "vllm.xquant", "xquant_vllm.kernels",
+               "vllm.config.compilation", "vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner")  # fmt: skip
 
     PATTERNS = {
         "kv_cache_tokens": re.compile(r"KV cache size: ([\d,]+) tokens"),
@@ -69,6 +72,8 @@ class LogTap(logging.Handler):
         "attention_backend": re.compile(r"Using (\S+) attention backend"),
         "xquant_summary": re.compile(r"(xquant-vllm: .*)"),
         "xquant_kernels": re.compile(r"xquant kernels on \w+: (\w+) implementation"),
+        "cudagraph_downgrade": re.compile(r"(CUDAGraphMode\.\w+ is not supported.*)"),
+        "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) sec"),
     }
 
     def __init__(self) -> None:
@@ -89,7 +94,7 @@ class LogTap(logging.Handler):
                 elif key == "max_concurrency":
                     found[key] = float(m.group(2))
                     found["concurrency_at_len"] = int(m.group(1).replace(",", ""))
-                elif key == "available_kv_gib":
+                elif key in ("available_kv_gib", "graph_capture_s"):
                     found[key] = float(m.group(1))
                 else:
                     found[key] = m.group(1)
@@ -129,7 +134,8 @@ def engine_capacity(llm, tap: LogTap) -> dict[str, Any]:
     """Capacity as vLLM logged it, with the config values it came from (they must agree)."""
     cache = llm.llm_engine.vllm_config.cache_config
     row = tap.parsed()
-    row.update(num_blocks=cache.num_gpu_blocks, block_size=cache.block_size,
+    mode = llm.llm_engine.vllm_config.compilation_config.cudagraph_mode  # as the worker resolved it (in-process)
+    row.update(num_blocks=cache.num_gpu_blocks, block_size=cache.block_size, cudagraph_mode=str(mode),
                config_kv_tokens=getattr(cache, "kv_cache_size_tokens", None),
                config_max_concurrency=getattr(cache, "kv_cache_max_concurrency", None))  # fmt: skip
     return row
@@ -138,18 +144,58 @@ def engine_capacity(llm, tap: LogTap) -> dict[str, Any]:
 DEADLINE = [float("inf")]  # perf_counter() after which no new engine starts (--budget-s)
 
 
+class ChildError(RuntimeError):
+    pass
+
+
+def in_child(fn, *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` in a forked process (a fresh CUDA context and allocator); its JSON-able result.
+
+    Forked, not spawned: the closures of the suites need no pickling and vLLM stays imported. The driver itself
+    never touches CUDA, or the children could not.
+    """
+    import torch
+
+    if torch.cuda.is_initialized():
+        raise RuntimeError("the driver process initialized CUDA: its forked engine processes could not use it")
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def target() -> None:
+        try:
+            reply = {"value": fn(*args, **kwargs)}
+        except BaseException as exc:  # noqa: BLE001 (sent to the driver, which records it)
+            reply = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()}
+        send.send(json.dumps(reply))
+        send.close()
+
+    child = ctx.Process(target=target)
+    child.start()
+    send.close()
+    try:
+        reply = json.loads(recv.recv())
+    except EOFError:
+        reply = {"error": "the engine process died without a result", "traceback": ""}
+    child.join()
+    if "error" in reply:
+        print(reply["traceback"], flush=True)
+        raise ChildError(f"{reply['error']} (exit code {child.exitcode})")
+    return reply["value"]
+
+
 def attempt(name: str, fn, *args, **kwargs) -> dict[str, Any]:
-    """Run one engine's measurement; a failure becomes a row with the error (the suite goes on)."""
+    """Run one engine's measurement in its own process; a failure becomes a row with the error (the suite goes on)."""
     start = time.perf_counter()
     if start > DEADLINE[0]:
         print(f"== {name}: skipped (--budget-s spent)", flush=True)
         return {"ok": False, "error": "skipped: the run's --budget-s was spent before this engine"}
     print(f"== {name}", flush=True)
     try:
-        row = fn(*args, **kwargs)
+        row = in_child(fn, *args, **kwargs)
         row["ok"] = True
     except Exception as exc:  # noqa: BLE001 (recorded, printed, and the next engine runs)
-        traceback.print_exc()
+        if not isinstance(exc, ChildError):
+            traceback.print_exc()
         row = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     row["seconds"] = round(time.perf_counter() - start, 1)
     print(f"   {name}: {json.dumps(row)[:600]}", flush=True)
@@ -197,9 +243,9 @@ def suite_smoke(args) -> dict[str, Any]:
     teacher = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
     engine_kw = dict(common, max_model_len=4096, enforce_eager=True, gpu_memory_utilization=0.5)
 
-    def run(dtype: str, kernels: str) -> dict[str, Any]:
-        os.environ["XQUANT_KERNELS"] = kernels
-        with engine(model, dtype, **engine_kw) as (llm, tap):
+    def run(dtype: str, kernels: str, graphs: bool = False) -> dict[str, Any]:
+        os.environ["XQUANT_KERNELS"] = kernels  # in the engine's own process
+        with engine(model, dtype, **{**engine_kw, "enforce_eager": not graphs}) as (llm, tap):
             t = time.perf_counter()
             outs = llm.generate(prompts, greedy, use_tqdm=False)
             seconds = time.perf_counter() - t
@@ -214,11 +260,12 @@ def suite_smoke(args) -> dict[str, Any]:
     for dtype in args.dtypes or ("auto", *OURS):
         rows[dtype] = attempt(f"smoke {dtype} triton", run, dtype, "auto")
     rows["xquant/torch"] = attempt("smoke xquant torch", run, "xquant", "torch")
-    os.environ.pop("XQUANT_KERNELS", None)
+    rows["xquant/graphs"] = attempt("smoke xquant triton, CUDA graphs", run, "xquant", "auto", True)
     compared = agreement(rows.get("xquant", {}), rows["xquant/torch"])
+    graphs = agreement(rows.get("xquant", {}), rows["xquant/graphs"])
     for row in rows.values():  # bulky: the comparison above is what the report needs
         row.pop("prompt_logprobs", None)
-    return {"rows": rows, "agreement": compared, "prompt_lengths": lengths}
+    return {"rows": rows, "agreement": compared, "graphs_vs_eager": graphs, "prompt_lengths": lengths}
 
 
 def agreement(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -493,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_s:
         DEADLINE[0] = time.perf_counter() + args.budget_s
-    facts = device_facts()
+    facts = in_child(device_facts)
     print(json.dumps(facts), flush=True)
     for suite in args.suite:
         start = time.perf_counter()
