@@ -88,19 +88,21 @@ def run(args) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from xquant_vllm.accounting import ModelShape
+    from xquant_vllm.bundled import model_path
 
     torch.set_num_threads(args.threads)
-    model_dir = args.model_dir or quality._bundled_model()
+    model_dir = model_path(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model, eager = (
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation=impl).eval()
         for impl in ("sdpa", "eager")
     )
     mc = model.config
-    shape = ModelShape(str(model_dir), mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, model.dtype)
+    head_size = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads  # as vLLM derives it
+    shape = ModelShape(str(model_dir), mc.num_hidden_layers, mc.num_key_value_heads, head_size, model.dtype)
     windows, names = quality.make_windows(tok, quality.load_texts(args.text_dir), args.windows,
                                           args.context + args.continuation)  # fmt: skip
-    harness = _harness_rows(args)
+    harness = _harness_rows(args, model_dir)
     rows = []
     for name in tqdm(args.methods, desc="methods", unit="method"):
         cache_dtype = METHODS[name]
@@ -162,12 +164,15 @@ def run(args) -> dict[str, Any]:
     }
 
 
-def _harness_rows(args) -> dict[str, float]:
-    """quality.json's per-method NLL over the same windows, when it measured them (same context/continuation)."""
+def _harness_rows(args, model_dir: Path) -> dict[str, float]:
+    """quality.json's per-method NLL over the same windows, when it measured them (same model, context and
+    continuation)."""
     path = RESULTS / "quality.json"
     if not path.exists():
         return {}
     q = json.loads(path.read_text())
+    if Path(q["model"]).name != Path(model_dir).name:  # another model's results
+        return {}
     if (q["context_tokens"], q["continuation_tokens"]) != (args.context, args.continuation):
         return {}
     if args.windows == q["sweep_windows"]:
@@ -208,7 +213,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--model-dir", type=Path, default=None, help="HF checkpoint (default: the bundled SmolLM2)")
+    p.add_argument("--model", "--model-dir", default="smollm2",
+                   help="a bundled model (smollm2, qwen2.5-coder-0.5b; built on first use) or an HF checkpoint folder")
     p.add_argument("--text-dir", type=Path, default=None, help="folder of .txt texts (default: the bundled essays)")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for engine_quality.{json,png,cmd.txt}")
     p.add_argument("--windows", type=int, default=8, help="windows (the first ones of quality.py)")
