@@ -35,7 +35,8 @@ RETRY_AFTER_S = 1
 # A \uD800-\uDFFF escape: the only way a JSON body can hold a surrogate; checked further only when present.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 REJECTED = Counter(
-    "xquant_requests_rejected", "Requests refused by xquant-vllm serve before reaching the engine", ["reason"]
+    "xquant_requests_rejected", "Requests xquant-vllm serve refused: 413 (body_too_large) or 429 (queue_full)",
+    ["reason"]
 )
 
 
@@ -66,11 +67,10 @@ def surrogate_field(body: bytes) -> str | None:
                 value.encode()
             except UnicodeEncodeError:
                 return path or "body"
+            return None
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
-            if (found := walk(key, path) if isinstance(key, str) else None) or (
-                found := walk(item, f"{path}.{key}" if path else str(key))
-            ):
+            if found := walk(item, f"{path}.{key}" if path else str(key)):
                 return found
         return None
 

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = vllm_compat.serve_subcommand().subparser_init(top.add_subparsers(dest="subparser"))
     parser.usage = "xquant-vllm serve [MODEL] [OPTIONS]"
     parser.description = DESCRIPTION.format(models=", ".join(MODELS))
+    parser.epilog = (parser.epilog or "").replace("vllm serve", "xquant-vllm serve")
     group = parser.add_argument_group("xquant-vllm", "Options xquant-vllm serve adds to vLLM's")
     group.add_argument(
         "--max-request-body-bytes", type=byte_size, default=8 << 20,

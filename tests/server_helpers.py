@@ -32,10 +32,12 @@ class Server:
     def metrics_text(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
-    def metric(self, name: str, **labels: str) -> float:
-        """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there is none)."""
+    def metric(self, name: str, text: str | None = None, **labels: str) -> float:
+        """The sum of the samples of ``name`` whose labels include ``labels`` (0 when there is none), in ``text``
+        (one scrape of /metrics) or in a new scrape."""
         total = 0.0
-        for sample_labels, value in re.findall(rf"^{re.escape(name)}(?:{{(.*?)}})? (\S+)$", self.metrics_text(), re.M):
+        text = self.metrics_text() if text is None else text
+        for sample_labels, value in re.findall(rf"^{re.escape(name)}(?:{{(.*?)}})? (\S+)$", text, re.M):
             have = dict(re.findall(r'(\w+)="([^"]*)"', sample_labels))
             if all(have.get(k) == v for k, v in labels.items()):
                 total += float(value)

@@ -132,13 +132,13 @@ def test_chat_roles_parts_name_and_logprobs(client: openai.OpenAI) -> None:
         {"role": "tool", "tool_call_id": "call_1", "content": "42"},
         {"role": "user", "content": [{"type": "text", "text": "So?"}, {"type": "text", "text": "Say it."}]},
     ]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True,
-                                       top_logprobs=2, n=2)
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0.8, seed=3,
+                                       logprobs=True, top_logprobs=2, n=2)
     assert r.object == "chat.completion" and len(r.choices) == 2
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)
     for choice in r.choices:
         assert choice.message.role == "assistant" and choice.message.content
-        assert len(choice.logprobs.content) == r.usage.completion_tokens // 2
-        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+        assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in choice.logprobs.content)
 
 
 def test_streams_match_whole_answers_and_report_usage(client: openai.OpenAI) -> None:
@@ -151,8 +151,8 @@ def test_streams_match_whole_answers_and_report_usage(client: openai.OpenAI) -> 
     whole = client.chat.completions.create(**chat).choices[0].message.content
     chunks = list(client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
-    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and 0 < chunks[-1].usage.completion_tokens <= 16
+    assert chunks[-2].choices[0].finish_reason in ("length", "stop")
 
 
 # ---- bad input: a 4xx in OpenAI's shape naming the field ------------------------------------------------------
@@ -267,9 +267,10 @@ def test_disconnect_aborts_and_frees_blocks(server: Server, tokenizer) -> None:
     with httpx.stream("POST", f"{server.url}{C}", json=body, headers=server.auth(), timeout=60) as r:
         assert r.status_code == 200
         assert sum(1 for line, _ in zip(r.iter_lines(), range(10)) if line.startswith("data:")) >= 4
-        used = server.metric("xquant_kv_blocks_used")
-        assert used >= 1 and used + server.metric("xquant_kv_blocks_free") == free_before
-        assert server.metric("vllm:num_requests_running") == 1
+        during = server.metrics_text()
+        used = server.metric("xquant_kv_blocks_used", during)
+        assert used >= 1 and used + server.metric("xquant_kv_blocks_free", during) == free_before
+        assert server.metric("vllm:num_requests_running", during) == 1
     deadline = time.monotonic() + 20
     while server.metric("xquant_kv_blocks_used") or server.metric("vllm:num_requests_running"):
         assert time.monotonic() < deadline, "blocks not freed after the disconnect"
