@@ -23,7 +23,10 @@ import torch
 from xquant_vllm.accounting import SMOLLM2, bits_report
 from xquant_vllm.config import PRESETS, make_config
 from xquant_vllm.quant.attention import reference_attention
-from xquant_vllm.tail import SLOT_MARGIN
+from xquant_vllm.tail import FEED, SLOT_MARGIN
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the decode store kernel runs interpreted on a recorded step
 
 pytestmark = [pytest.mark.engine, pytest.mark.model]
 vllm = pytest.importorskip("vllm")
@@ -170,12 +173,17 @@ def test_engine_attention_equals_reference_with_chunks_prefix_hits_and_preemptio
         smollm2_dir, kv_cache_dtype="xquant", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
         enable_chunked_prefill=True, num_gpu_blocks_override=blocks, disable_log_stats=False,
     ) as llm:  # fmt: skip
+        slots, held = FEED.slots, []
+        assign = slots.assign
+        monkeypatch.setattr(slots, "assign", lambda ids: (assign(ids), held.append(len(slots.owners)))[0])
         shared = prompt_ids(llm, "A shared preamble about quantized caches. ", 200)
         wave1 = [shared + prompt_ids(llm, f"Request {i} asks something else. ", 11 * i + 5) for i in range(3)]
         wave1.append(prompt_ids(llm, "An unrelated short prompt. ", 37))
         generate(llm, wave1, max_tokens=80)
         out2 = generate(llm, [shared + prompt_ids(llm, "A late question. ", 23)], max_tokens=24)
         metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    # vLLM reports finished requests at the next step that runs: the second wave's first step freed wave 1's.
+    assert max(held) <= 4 and len(slots.owners) <= 1, (max(held), slots.owners)
     assert metrics["vllm:num_preemptions"] > 0, "the workload must force preemption"
     assert out2[0].num_cached_tokens >= 192, "the second wave must hit the prefix cache"
     assert replay(recorder.calls, blocks + 1) > 5000
@@ -209,12 +217,15 @@ def test_aborted_requests_free_every_block_and_tail_slot(xquant_llm: LLM) -> Non
     xquant_llm.reset_prefix_cache()
     free_before = pool.get_num_free_blocks()
     params = SamplingParams(max_tokens=200, **GREEDY)
+    slots = FEED.slots
     for wave in range(3):
         ids = [f"abort-{wave}-{i}" for i in range(8)]
         for i, rid in enumerate(ids):
             engine_.add_request(rid, TokensPrompt(prompt_token_ids=prompt_ids(xquant_llm, f"Wave {wave}. ", 40 + i)), params)
         for _ in range(4):
             engine_.step()
+        # exactly this wave's requests hold slots: the earlier ones were freed the first step vLLM reported them
+        assert len(slots.owners) == 8 and all(rid.startswith(f"abort-{wave}-") for rid in slots.owners), slots.owners
         engine_.abort_request(ids)
         engine_.step()
     assert not engine_.has_unfinished_requests()
@@ -222,6 +233,49 @@ def test_aborted_requests_free_every_block_and_tail_slot(xquant_llm: LLM) -> Non
     xquant_llm.reset_prefix_cache()
     after = [o.outputs[0].token_ids for o in generate(xquant_llm, prompts, max_tokens=24)]
     assert after == before
+    assert len(slots.owners) <= 8 and not any(rid.startswith("abort-") for rid in slots.owners), slots.owners
+
+
+def test_a_decode_step_through_the_device_side_store_equals_the_engine_store(
+    xquant_llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real decode step (rows that complete a block and rows that join their tail), stored by the decode kernel
+    from a plan without host-sized arrays (interpreted Triton), gives the pages and tails the engine's store wrote."""
+    from xquant_vllm import backend
+    from xquant_vllm.kernels.store import store_kv_triton
+
+    recorded: dict[str, tuple] = {}
+    original = backend.XQuantImpl.forward
+
+    def forward(impl, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        plan = None if attn_metadata is None else attn_metadata.plan
+        name = layer.layer_name
+        state = None if plan is None else attn_metadata.layers[name]
+        pick = (
+            plan is not None and name not in recorded and state.lq.index in (0, 23) and plan.max_query_len == 1
+            and plan.num_reqs > 1 and len({int(p) % plan.block_size == plan.block_size - 1 for p in plan.past_lens}) == 2
+        )  # fmt: skip
+        before = (kv_cache.clone(), state.tail_k.clone(), state.tail_v.clone()) if pick else None
+        result = original(impl, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if pick:
+            n = attn_metadata.num_tokens
+            after = (kv_cache.clone(), state.tail_k.clone(), state.tail_v.clone())
+            recorded[name] = (key[:n].clone(), value[:n].clone(), snapshot(plan), state, before, after)
+        return result
+
+    monkeypatch.setattr(backend.XQuantImpl, "forward", forward)
+    prompts = [prompt_ids(xquant_llm, f"Decode across block ends {i}. ", n) for i, n in enumerate((30, 45, 62, 77))]
+    generate(xquant_llm, prompts, max_tokens=40)
+    assert len(recorded) == 2, "no decode step with both kinds of rows was recorded"
+    empty = torch.zeros(0, dtype=torch.int32)
+    store_only = ("full_block_ids", "full_tail_slot", "full_tail_count", "full_row_start", "tail_rows", "tail_dst")
+    for name, (key, value, plan, state, before, after) in recorded.items():
+        pages, tail_k, tail_v = before
+        decode = dataclasses.replace(plan, device_store=True, **dict.fromkeys(store_only, empty))
+        store_kv_triton(key, value, backend._pages(pages), tail_k, tail_v, decode, state.lq, state.layout)
+        for got, want, what in zip((pages, tail_k, tail_v), after, ("pages", "tail_k", "tail_v")):
+            assert torch.equal(got, want), f"{name}: {what} differ from the engine's store"
+        assert not torch.equal(before[0], after[0]), f"{name}: the step completed no block"
 
 
 def teacher_forced_logprobs(model_dir: Path, preset: str | None, prompts: list[list[int]], tokens: list[list[int]]):

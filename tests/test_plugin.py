@@ -7,57 +7,46 @@ from pathlib import Path
 
 import pytest
 
-from xquant_vllm.tail import NO_SLOT, TailAllocator, TailLostError, TailSlotsExhaustedError
-
-B = 32
+from xquant_vllm.tail import RunnerFeed, TailSlots, TailSlotsExhaustedError
 
 
-def step(alloc: TailAllocator, rows: list[tuple[int, int, list[int]]]) -> list[int]:
-    """rows: (past, seq, block table row)."""
-    return alloc.assign([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+def test_a_request_keeps_its_slot_until_vllm_drops_it() -> None:
+    slots = TailSlots(3)
+    assert slots.assign(["a", "b"]) == [0, 1]
+    assert slots.assign(["b", "c", "a"]) == [1, 2, 0]  # rows move (reordering, condensing): slots do not
+    slots.release(["b", "gone-before"])  # finished; an id without a slot is no error
+    assert slots.owners == {"a": 0, "c": 2} and slots.num_free == 1
+    assert slots.assign(["d", "a"]) == [1, 0]  # a new request takes the freed slot
 
 
-def test_slot_follows_a_sequence_through_chunks_and_completed_blocks() -> None:
-    alloc = TailAllocator(4, B)
-    table = [7, 3, 9]
-    (s,) = step(alloc, [(0, 40, table)])  # block 7 full, 8 tokens of block 3 in the tail
-    assert s != NO_SLOT and alloc.mapped == {3: s}
-    assert step(alloc, [(40, 41, table)]) == [s]  # decode inside block 3
-    assert step(alloc, [(41, 70, table)]) == [s]  # block 3 completes; 6 tokens of block 9 take over the slot
-    assert alloc.mapped == {9: s}
-    assert step(alloc, [(70, 96, table)]) == [s]  # block 9 completes, nothing left over: slot released next step
-    assert alloc.mapped == {} and alloc.num_free == 4
-
-
-def test_rows_without_a_tail_get_no_slot() -> None:
-    alloc = TailAllocator(2, B)
-    assert step(alloc, [(0, 64, [1, 2]), (32, 32, [4]), (0, 0, [])]) == [NO_SLOT, NO_SLOT, NO_SLOT]
-
-
-def test_a_continued_block_without_a_slot_is_an_error_not_garbage() -> None:
-    with pytest.raises(TailLostError, match="block 5"):
-        step(TailAllocator(2, B), [(10, 11, [5])])
-
-
-def test_a_block_written_from_offset_zero_takes_over_a_stale_slot() -> None:
-    alloc = TailAllocator(2, B)
-    (old,) = step(alloc, [(0, 10, [5])])  # a request that will end (abort) with block 5 partial
-    (new,) = step(alloc, [(0, 3, [5])])  # block 5 reused by another request from offset 0
-    assert new == old and alloc.mapped == {5: old} and alloc.num_free == 1
-
-
-def test_ended_requests_slots_are_reclaimed_least_recently_used_first() -> None:
-    alloc = TailAllocator(2, B)
-    a, b = step(alloc, [(0, 5, [1]), (0, 6, [2])])
-    step(alloc, [(6, 7, [2])])  # the request of block 1 ended; block 2's keeps running
-    c, d = step(alloc, [(7, 8, [2]), (0, 4, [8])])
-    assert (c, d) == (b, a) and alloc.mapped == {2: b, 8: a}
+def test_a_resubmitted_id_restarts_with_a_fresh_slot() -> None:
+    slots = TailSlots(2)
+    slots.assign(["x", "y"])
+    slots.release(["x"])
+    assert slots.assign(["y", "x"]) == [1, 0] and slots.num_free == 0
 
 
 def test_exhaustion_names_the_setting() -> None:
-    alloc = TailAllocator(1, B)
+    slots = TailSlots(1)
+    slots.assign(["a"])
     with pytest.raises(TailSlotsExhaustedError, match="max_num_seqs"):
-        step(alloc, [(0, 5, [1]), (0, 6, [2])])
+        slots.assign(["a", "b"])
+
+
+class _Config:  # stands in for a VllmConfig: the feed only compares identities
+    pass
+
+
+def test_the_runner_feed_frees_dropped_requests_at_once_and_gives_rows_once() -> None:
+    config, other = _Config(), _Config()
+    slots, feed = TailSlots(2), RunnerFeed()
+    feed.bind(config, slots)
+    feed.report(config, ["a", "b"], set(), None)
+    assert feed.take() == [0, 1]
+    feed.report(config, [], {"a"}, {"b"})  # a step that builds no metadata still frees its dropped requests
+    assert slots.owners == {} and slots.num_free == 2 and feed.take() == []
+    feed.report(other, ["x"], set(), None)  # another engine of the process (e.g. auto): not ours
+    assert feed.take() is None and slots.owners == {}  # and a dummy run after a step sees no rows
 
 
 # ---- registration in a vLLM process -------------------------------------------------------------------

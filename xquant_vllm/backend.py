@@ -1,21 +1,29 @@
-"""The vLLM attention backend of the quantized cache: backend class, per-step planner, metadata builder, impl.
+"""The vLLM attention backend of the quantized cache: backend class, worker state, step planner, builder, impl.
 
 vLLM allocates each layer's pages (``[num_blocks, H, 1, page_bytes]`` uint8, sized by
 :func:`xquant_vllm.plugin.layer_kv_cache_spec`) in one block pool with one block table. Around it this module
-keeps, per worker, what vLLM does not know about:
+keeps, per worker, what vLLM does not know about (:class:`WorkerState`, created once, before vLLM captures
+graphs):
 
 * the full-precision tails (``tail_k/tail_v [num_tail_slots, H, B, D]`` per layer, model dtype), whose bytes
   were taken out of the KV budget before vLLM sized the pool (:func:`xquant_vllm.plugin.tail_reserved_bytes`);
-* the tail slot of every batch row (:class:`xquant_vllm.tail.TailAllocator`) and the step's
-  :class:`~xquant_vllm.kernels.StepPlan`, built once per step and shared by every layer.
+* the tail slot of every running request (:class:`xquant_vllm.tail.TailSlots`, fed by the model runner);
+* the :class:`StepPlanner`, which turns each step's ``CommonAttentionMetadata`` into the
+  :class:`~xquant_vllm.kernels.StepPlan` every layer shares, from vLLM's host copies only (no device reads).
 
 A layer's forward runs attention first (past-only: pages + tail + the chunk itself), then stores the chunk
 (completed blocks quantized into pages, the rest into the tail). The upper layer of a cross-layer pair reads
 the lower layer's pages at the same block ids; both must see the same plan, which the impl checks.
+
+CUDA graphs: decode steps (one token per request) are captured whole (``UNIFORM_SINGLE_TOKEN_DECODE``) where the
+Triton kernels run: their plan is vLLM's persistent ``query_start_loc`` and block table plus this worker's
+fixed-address ``past_lens``/``tail_slot`` buffers, filled in place each step, and the store decides per row on the
+device. Prefill and mixed steps run between vLLM's piecewise graphs.
 """
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,6 +35,7 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -38,10 +47,10 @@ from vllm.v1 import kv_cache_interface
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from xquant_vllm.config import PRESETS, SUPPORTED_HEAD_SIZES, LayerQuant, QuantConfig
-from xquant_vllm.kernels import StepPlan, build_step_plan, paged_attention, store_kv
+from xquant_vllm.kernels import KERNELS_ENV, StepPlan, build_step_plan, paged_attention, store_kv
 from xquant_vllm.layout import PageLayout, page_layout
 from xquant_vllm.plugin import BACKEND_NAME, XQuantConfigError, engine_quant_config, num_tail_slots
-from xquant_vllm.tail import NO_SLOT, TailAllocator
+from xquant_vllm.tail import FEED, TailSlots, install_runner_hooks
 from xquant_vllm.vllm_compat import attention_backend_name
 
 
@@ -116,94 +125,156 @@ class XQuantMetadata:
     layers: dict[str, LayerState]
 
 
-class StepPlanner:
-    """Per worker: the tails of every xquant layer, the slot allocator, and the plan of the current step."""
+def device_store(device: torch.device) -> bool:
+    """Whether decode steps store on the device (the Triton kernels run): the condition for CUDA graphs."""
+    return device.type == "cuda" and os.environ.get(KERNELS_ENV, "auto") == "auto"
 
-    def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
-        cfg = engine_quant_config(vllm_config)
-        self.config = weakref.ref(vllm_config)
-        self.block_size = cfg.block_size
+
+class StepPlanner:
+    """Each step's :class:`StepPlan`, from vLLM's host copies (query starts, sequence lengths) and the rows' tail
+    slots (:data:`xquant_vllm.tail.FEED`); what decode kernels read lives at fixed addresses, so captured graphs
+    read the current step's."""
+
+    STAGES = 4  # pinned staging buffers in turn: a copy in flight is never overwritten by the next steps
+
+    def __init__(self, block_size: int, max_rows: int, device: torch.device) -> None:
+        self.block_size = block_size
         self.device = device
-        self.allocator = TailAllocator(num_tail_slots(vllm_config), cfg.block_size)
-        self.layers = self._layer_states(vllm_config, cfg, device)
+        self.device_store = device_store(device)
+        self.rows = torch.zeros(2, max_rows, dtype=torch.int32, device=device)  # past_lens, tail_slot
+        pin = device.type == "cuda"
+        self._stages = [torch.zeros(2, max_rows, dtype=torch.int32, pin_memory=pin) for _ in range(self.STAGES)]
+        self._turn = 0
+        self._empty = torch.zeros(0, dtype=torch.int32, device=device)
         self._last: tuple[CommonAttentionMetadata, StepPlan] | None = None
 
-    def _layer_states(self, vllm_config: VllmConfig, cfg: QuantConfig, device: torch.device) -> dict[str, LayerState]:
-        dtype = vllm_config.model_config.dtype
-        modules = {
-            name: layer
-            for name, layer in get_layers_from_vllm_config(vllm_config, Attention).items()
-            if layer.kv_cache_dtype in PRESETS
-        }
-        by_index = {extract_layer_index(name): name for name in modules}
-        states = {}
-        for name, layer in modules.items():
-            lq = cfg.layer(extract_layer_index(name))
-            shape = (self.allocator.num_slots, layer.num_kv_heads, cfg.block_size, cfg.head_size)
-            lower = by_index.get(lq.index - 1) if lq.k_shared or lq.v_shared else None
-            if (lq.k_shared or lq.v_shared) and lower is None:
-                raise XQuantConfigError(f"layer {name} shares codes with layer {lq.index - 1}, which this worker lacks")
-            states[name] = LayerState(
-                lq=lq,
-                layout=page_layout(lq, dtype),
-                tail_k=torch.zeros(shape, dtype=dtype, device=device),
-                tail_v=torch.zeros(shape, dtype=dtype, device=device),
-                lower=lower,
-                lower_layout=None if lower is None else page_layout(cfg.layer(lq.index - 1), dtype),
-            )
-        return states
+    def plan(self, cm: CommonAttentionMetadata, capture: bool = False) -> StepPlan:
+        """The step's plan; the builders of all attention groups get the same ``cm`` object within a step.
 
-    def plan(self, cm: CommonAttentionMetadata) -> StepPlan:
-        """The step's plan; the builders of all attention groups get the same ``cm`` object within a step."""
+        ``capture``: a graph capture's dummy batch, which must leave the runner's report for the next real step.
+        """
         if self._last is not None and self._last[0] is cm:
             return self._last[1]
-        # Built on the host (the allocator needs the lengths and block ids there anyway), then moved in one copy:
-        # two device-to-host reads per step, whatever the batch.
-        R = cm.num_reqs
+        R, B = cm.num_reqs, self.block_size
+        if R > self.rows.shape[1]:
+            raise ValueError(f"num_reqs={R}: more batch rows than the {self.rows.shape[1]} the planner was sized for")
         qsl = cm.query_start_loc_cpu[: R + 1]
-        seq_lens = cm.seq_lens[:R].cpu()
-        past = seq_lens - (qsl[1:] - qsl[:-1])
+        seq = cm.seq_lens_cpu_upper_bound  # exact without speculative decoding, which the plugin refuses
+        seq = cm.seq_lens[:R].cpu() if seq is None else seq[:R]
+        past = (seq - (qsl[1:] - qsl[:-1])).clamp_(min=0).to(torch.int32)  # padding rows: no token, no past
+        row_slots = None if capture else FEED.take()
+        stage = self._stages[self._turn]
+        self._turn = (self._turn + 1) % self.STAGES
+        stage[0, :R] = past
+        stage[1, :R] = 0  # dummy runs (no request ids) and padding rows: slot 0, never read for a real request
+        if row_slots:
+            stage[1, : len(row_slots)] = torch.tensor(row_slots, dtype=torch.int32)
         block_table = cm.block_table_tensor[:R]
-        host_table = block_table.cpu()
-        slots = self.allocator.assign(past.tolist(), seq_lens.tolist(), host_table.numpy())
-        # A row without a tail never reads its slot (nothing cached past the last block, nothing left over).
-        tail_slot = torch.tensor([0 if s == NO_SLOT else s for s in slots], dtype=torch.int32)
-        plan = build_step_plan(qsl, past, host_table, tail_slot, self.block_size)
-        plan = plan.to(self.device, block_table=block_table if block_table.dtype == torch.int32 else None)
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table_tensor: expected int32 block ids, got {block_table.dtype}")
+        max_past = int(past.max()) if R else 0
+        if self.device_store and cm.max_query_len <= 1:
+            rows = self.rows[:, :R]
+            rows.copy_(stage[:, :R], non_blocking=True)
+            empty = self._empty
+            plan = StepPlan(
+                block_size=B, query_start_loc=cm.query_start_loc[: R + 1], past_lens=rows[0], block_table=block_table,
+                tail_slot=rows[1], full_block_ids=empty, full_tail_slot=empty, full_tail_count=empty,
+                full_row_start=empty, tail_rows=empty, tail_dst=empty, max_query_len=cm.max_query_len,
+                max_past_len=max_past, device_store=True,
+            )  # fmt: skip
+        else:
+            plan = build_step_plan(qsl, past, block_table, stage[1, :R].clone(), B).to(self.device, block_table)
         self._last = (cm, plan)
         return plan
 
 
-_PLANNERS: weakref.WeakValueDictionary[int, StepPlanner] = weakref.WeakValueDictionary()
+class WorkerState:
+    """Per engine and worker, made once at the first builder: each xquant layer's tails, the tail slots, the
+    planner. Everything it allocates exists before vLLM profiles memory or captures graphs."""
+
+    def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
+        cfg = engine_quant_config(vllm_config)
+        sched = vllm_config.scheduler_config
+        self.config = weakref.ref(vllm_config)
+        self.slots = TailSlots(num_tail_slots(vllm_config))
+        self.layers = _layer_states(vllm_config, cfg, self.slots.num_slots, device)
+        self.planner = StepPlanner(cfg.block_size, max(sched.max_num_seqs, sched.max_num_batched_tokens), device)
+        install_runner_hooks()
+        FEED.bind(vllm_config, self.slots)
 
 
-def planner_for(vllm_config: VllmConfig, device: torch.device) -> StepPlanner:
-    """One planner per engine (per ``VllmConfig`` object) in this process, shared by all its builders."""
-    planner = _PLANNERS.get(id(vllm_config))
-    if planner is None or planner.config() is not vllm_config:
-        planner = StepPlanner(vllm_config, device)
-        _PLANNERS[id(vllm_config)] = planner
-    return planner
+def _layer_states(vllm_config: VllmConfig, cfg: QuantConfig, num_slots: int, device: torch.device) -> dict[str, LayerState]:
+    dtype = vllm_config.model_config.dtype
+    modules = {
+        name: layer
+        for name, layer in get_layers_from_vllm_config(vllm_config, Attention).items()
+        if layer.kv_cache_dtype in PRESETS
+    }
+    by_index = {extract_layer_index(name): name for name in modules}
+    states = {}
+    for name, layer in modules.items():
+        lq = cfg.layer(extract_layer_index(name))
+        shape = (num_slots, layer.num_kv_heads, cfg.block_size, cfg.head_size)
+        lower = by_index.get(lq.index - 1) if lq.k_shared or lq.v_shared else None
+        if (lq.k_shared or lq.v_shared) and lower is None:
+            raise XQuantConfigError(f"layer {name} shares codes with layer {lq.index - 1}, which this worker lacks")
+        states[name] = LayerState(
+            lq=lq,
+            layout=page_layout(lq, dtype),
+            tail_k=torch.zeros(shape, dtype=dtype, device=device),
+            tail_v=torch.zeros(shape, dtype=dtype, device=device),
+            lower=lower,
+            lower_layout=None if lower is None else page_layout(cfg.layer(lq.index - 1), dtype),
+        )
+    return states
+
+
+_WORKERS: weakref.WeakValueDictionary[int, WorkerState] = weakref.WeakValueDictionary()
+
+
+def worker_state(vllm_config: VllmConfig, device: torch.device) -> WorkerState:
+    """One state per engine (per ``VllmConfig`` object) in this process, shared by all its builders."""
+    state = _WORKERS.get(id(vllm_config))
+    if state is None or state.config() is not vllm_config:
+        state = WorkerState(vllm_config, device)
+        _WORKERS[id(vllm_config)] = state
+    return state
 
 
 class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
     def __init__(
         self, kv_cache_spec: AttentionSpec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.planner = planner_for(vllm_config, device)
-        missing = sorted(set(layer_names) - set(self.planner.layers))
+        self.worker = worker_state(vllm_config, device)
+        missing = sorted(set(layer_names) - set(self.worker.layers))
         if missing:
             raise XQuantConfigError(f"layers {missing} are in an xquant KV-cache group but do not use xquant")
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec: AttentionSpec) -> AttentionCGSupport:
+        """Full graphs of decode steps on CUDA with the Triton kernels; the PyTorch path cannot be captured."""
+        from vllm.platforms import current_platform
+
+        return cls._cudagraph_support if device_store(torch.device(current_platform.device_type)) else AttentionCGSupport.NEVER
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> XQuantMetadata:
-        cm = common_attn_metadata
+        return self._metadata(common_attn_metadata, capture=False)
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> XQuantMetadata:
+        """The plan of a captured batch fills the same buffers as every replay's (rows on slot 0, no request)."""
+        return self._metadata(common_attn_metadata, capture=True)
+
+    def _metadata(self, cm: CommonAttentionMetadata, capture: bool) -> XQuantMetadata:
         return XQuantMetadata(
-            plan=self.planner.plan(cm),
+            plan=self.worker.planner.plan(cm, capture),
             num_tokens=int(cm.query_start_loc_cpu[cm.num_reqs]),
-            layers=self.planner.layers,
+            layers=self.worker.layers,
         )
 
 

@@ -1,122 +1,145 @@
-"""Tail slots: where each running sequence keeps its newest tokens that do not yet fill a block.
+"""Tail slots: where each running request keeps its newest tokens that do not yet fill a block.
 
-The attention backend sees no request ids and hears of no finished, aborted or preempted request: each step
-it gets only, per batch row, the tokens already cached (``past``), the tokens after the step (``seq``) and the
-row's block table. A partially filled block belongs to exactly one running request (prefix caching shares
-full blocks only), so a tail slot is keyed by the id of the partial block it shadows:
-
-* a row whose ``past % B != 0`` continues a block: that block id must already own a slot
-  (else :class:`TailLostError`, never a silent wrong answer);
-* when the row completes that block and starts another, the slot moves to the new block id;
-* a block first written at in-block offset 0 is new by definition: a stale mapping of the same id (left by a
-  request that ended) is taken over;
-* slots of ended requests are reclaimed that way, or, when no slot is free, the least recently used slot that
-  no row of the current step touches. A slot released in a step becomes free at the next step, so the store
-  of the current step can still read it.
+A slot belongs to a request for its whole life: vLLM's model runner reports, each step, the request id of every
+batch row and the ids it finished, aborted or preempted since the last step (:func:`install_runner_hooks`), and
+:class:`TailSlots` maps ids to slots on the host from that alone: no block ids, no device reads, and a slot is free
+again the step vLLM drops its request. A preempted request restarts from a block boundary (its recompute, or a
+prefix-cache hit of whole blocks), so it never needs the tail it lost; a new owner of a slot reads only the
+positions it wrote itself (attention reads ``past % B`` tail rows, all written after the request started).
 
 Sizing: one slot per running sequence (``max_num_seqs``) plus :data:`SLOT_MARGIN`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 
 SLOT_MARGIN = 4
-NO_SLOT = -1
-
-
-class TailLostError(RuntimeError):
-    pass
 
 
 class TailSlotsExhaustedError(RuntimeError):
     pass
 
 
-class TailAllocator:
-    """Maps partial block ids to tail slots, one step at a time (pure Python, no tensors)."""
+class TailSlots:
+    """Request id -> tail slot, assigned at a request's first step and released when vLLM drops it."""
 
-    def __init__(self, num_slots: int, block_size: int) -> None:
+    def __init__(self, num_slots: int) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be >= 1")
         self.num_slots = num_slots
-        self.block_size = block_size
-        self._slot_of: dict[int, int] = {}  # partial block id -> slot
-        self._block_of: list[int | None] = [None] * num_slots
-        self._last_step = [-1] * num_slots
+        self._slot_of: dict[str, int] = {}
         self._free = list(range(num_slots - 1, -1, -1))  # pop() gives the lowest slot first
-        self._released: list[int] = []  # free from the next step on
-        self._step = 0
 
     @property
-    def mapped(self) -> dict[int, int]:
-        """Partial block id -> slot, for every slot that still holds a (possibly ended) request's tail."""
+    def owners(self) -> dict[str, int]:
+        """Request id -> slot, for every request that holds one."""
         return dict(self._slot_of)
 
     @property
     def num_free(self) -> int:
-        return len(self._free) + len(self._released)
+        return len(self._free)
 
-    def assign(self, past_lens: Sequence[int], seq_lens: Sequence[int], block_table: Sequence[Sequence[int]]) -> list[int]:
-        """Slots for one step's rows (``NO_SLOT`` where a row has no tail before or after the step)."""
-        B = self.block_size
-        self._step += 1
-        self._free.extend(self._released)
-        self._released.clear()
-        slots = [NO_SLOT] * len(past_lens)
-        for r, past in enumerate(past_lens):  # first, every tail the step reads: those are never evicted
-            if past % B:
-                block = int(block_table[r][past // B])
-                slot = self._slot_of.get(block)
-                if slot is None:
-                    raise TailLostError(
-                        f"batch row {r}: positions {past - past % B}..{past - 1} of block {block} are not in any tail "
-                        f"slot ({len(self._slot_of)} of {self.num_slots} slots mapped); this is a bug: please report it"
+    def release(self, req_ids: Iterable[str]) -> None:
+        for req_id in req_ids:
+            slot = self._slot_of.pop(req_id, None)
+            if slot is not None:
+                self._free.append(slot)
+
+    def assign(self, req_ids: Sequence[str]) -> list[int]:
+        """The slot of each batch row's request (new requests take a free slot)."""
+        slots = []
+        for req_id in req_ids:
+            slot = self._slot_of.get(req_id)
+            if slot is None:
+                if not self._free:
+                    raise TailSlotsExhaustedError(
+                        f"all {self.num_slots} tail slots are held by running requests; num_tail_slots must be at "
+                        "least max_num_seqs (it is max_num_seqs + SLOT_MARGIN unless changed)"
                     )
-                slots[r] = slot
-                self._last_step[slot] = self._step
-        for r, (past, seq) in enumerate(zip(past_lens, seq_lens)):
-            if seq == past:
-                continue
-            new_block = int(block_table[r][seq // B]) if seq % B else None
-            if past % B and seq // B == past // B:
-                continue  # the same partial block grows
-            if past % B:  # the old partial block completes this step: its slot moves on or is released
-                slot = slots[r]
-                del self._slot_of[int(block_table[r][past // B])]
-                self._block_of[slot] = None
-                if new_block is None:
-                    self._released.append(slot)
-                    continue
-                self._drop_stale(new_block)
-            elif new_block is None:
-                continue
-            else:  # a block written from offset 0: new, whatever the id meant before
-                slot = self._slot_of.get(new_block)
-                if slot is None:
-                    slot = self._take()
-                slots[r] = slot
-            self._slot_of[new_block] = slot
-            self._block_of[slot] = new_block
-            self._last_step[slot] = self._step
+                slot = self._slot_of[req_id] = self._free.pop()
+            slots.append(slot)
         return slots
 
-    def _drop_stale(self, block: int) -> None:
-        slot = self._slot_of.pop(block, None)
-        if slot is not None:
-            self._block_of[slot] = None
-            self._released.append(slot)
 
-    def _take(self) -> int:
-        if self._free:
-            return self._free.pop()
-        idle = [s for s in range(self.num_slots) if self._last_step[s] < self._step and self._block_of[s] is not None]
-        if not idle:
-            raise TailSlotsExhaustedError(
-                f"all {self.num_slots} tail slots hold tails of this step's rows; num_tail_slots must be at least "
-                "max_num_seqs (it is max_num_seqs + SLOT_MARGIN unless changed)"
-            )
-        slot = min(idle, key=self._last_step.__getitem__)
-        del self._slot_of[self._block_of[slot]]
-        self._block_of[slot] = None
-        return slot
+class RunnerFeed:
+    """The model runner's report of each step, applied to the tail slots of the engine it belongs to.
+
+    Slots are released the step vLLM reports a request finished, aborted or preempted (before any new request of
+    that step takes one); the rows' slots wait for the step's planner (:meth:`take`).
+    """
+
+    def __init__(self) -> None:
+        self._config: weakref.ref | None = None
+        self._slots: TailSlots | None = None
+        self._rows: list[int] | None = None
+
+    def bind(self, vllm_config, slots: TailSlots) -> None:
+        """Feed ``slots`` from the runner of the engine whose config is ``vllm_config`` (the newest engine wins)."""
+        self._config, self._slots, self._rows = weakref.ref(vllm_config), slots, None
+
+    @property
+    def slots(self) -> TailSlots | None:
+        """The tail slots this feed serves (the newest xquant engine's of the process)."""
+        return self._slots
+
+    def report(
+        self, vllm_config, req_ids: Sequence[str], finished: Iterable[str], preempted: Iterable[str] | None
+    ) -> None:
+        if self._slots is None or self._config is None or self._config() is not vllm_config:
+            return  # an engine without an xquant cache
+        self._slots.release(finished)
+        self._slots.release(preempted or ())
+        self._rows = self._slots.assign(req_ids)
+
+    def take(self) -> list[int] | None:
+        """The slots of this step's rows, once; None in dummy runs (profiling, warm-up), which no step reported."""
+        rows, self._rows = self._rows, None
+        return rows
+
+
+FEED = RunnerFeed()  # one model runner per worker process
+
+
+def install_runner_hooks() -> None:
+    """Report every step's rows and dropped requests to :data:`FEED`, on both of vLLM's model runners (idempotent).
+
+    The batch knows rows, not requests; vLLM offers no public hook for either, so the runners' step entries are
+    wrapped (checked on vLLM 0.32 and 0.26).
+
+    V1 (``gpu_model_runner.GPUModelRunner``, also the CPU runner's base): after ``_update_states`` the persistent
+    batch holds this step's rows in order. V2 (``gpu.model_runner.GPUModelRunner``, 0.26's GPU default):
+    ``prepare_inputs`` returns the step's ``InputBatch``. Dummy runs (profiling, warm-up, graph capture) pass
+    through neither, so they report no rows: their rows all use slot 0.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as RunnerV1
+
+    from xquant_vllm.vllm_compat import _wrap
+
+    def v1(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def _update_states(self, scheduler_output, *args, **kwargs):
+            result = original(self, scheduler_output, *args, **kwargs)
+            FEED.report(self.vllm_config, self.input_batch.req_ids, scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids)
+            return result
+
+        return _update_states
+
+    _wrap(RunnerV1, "_update_states", v1)
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:  # builds without the V2 runner (it needs Triton)
+        return
+
+    def v2(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def prepare_inputs(self, scheduler_output, *args, **kwargs):
+            batch = original(self, scheduler_output, *args, **kwargs)
+            FEED.report(self.vllm_config, batch.req_ids, scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids)
+            return batch
+
+        return prepare_inputs
+
+    _wrap(RunnerV2, "prepare_inputs", v2)

