@@ -214,3 +214,40 @@ def test_platforms_without_our_kernels_are_refused_by_name(monkeypatch) -> None:
     monkeypatch.setattr(type(current_platform), "device_name", "rocm-test")
     with pytest.raises(vllm_compat.UnsupportedVLLMError, match="rocm-test"):
         vllm_compat.require_supported_platform()
+
+
+def test_decode_plans_refill_fixed_buffers_from_host_copies_and_runner_slots() -> None:
+    """The planner reads no device array: past lengths from vLLM's host copies, slots from the runner's report;
+    a decode plan (``device_store``) reuses the same buffers every step (what a captured graph reads)."""
+    from itertools import accumulate
+    from types import SimpleNamespace
+
+    import torch
+
+    from xquant_vllm.backend import StepPlanner
+    from xquant_vllm.tail import FEED
+
+    def step(past: list[int], q: list[int], table: torch.Tensor) -> SimpleNamespace:
+        qsl = torch.tensor([0, *accumulate(q)], dtype=torch.int32)
+        seq = torch.tensor(past, dtype=torch.int32) + torch.tensor(q, dtype=torch.int32)
+        device_only = torch.full_like(seq, -1)  # reading it would show as a wrong past length
+        return SimpleNamespace(num_reqs=len(q), query_start_loc_cpu=qsl, query_start_loc=qsl.clone(),
+                               seq_lens_cpu_upper_bound=seq, seq_lens=device_only, block_table_tensor=table,
+                               max_query_len=max(q))  # fmt: skip
+
+    planner = StepPlanner(block_size=16, max_rows=8, device=torch.device("cpu"))
+    planner.device_store = True  # as on CUDA with the Triton kernels
+    config, slots = _Config(), TailSlots(4)
+    FEED.bind(config, slots)
+    table = torch.tensor([[3, 4], [5, 6], [7, 8]], dtype=torch.int32)
+    FEED.report(config, ["a", "b", "c"], set(), None)
+    first = planner.plan(step([15, 3, 0], [1, 1, 1], table))
+    assert first.device_store and first.past_lens.tolist() == [15, 3, 0] and first.tail_slot.tolist() == [0, 1, 2]
+    FEED.report(config, ["c", "a"], {"b"}, None)  # b finished, rows reordered
+    second = planner.plan(step([1, 16], [1, 1], table[[2, 0]]))
+    assert (second.past_lens.data_ptr(), second.tail_slot.data_ptr()) == (first.past_lens.data_ptr(), first.tail_slot.data_ptr())
+    assert second.tail_slot.tolist() == [2, 0] and second.full_block_ids.numel() == 0
+    FEED.report(config, ["d"], set(), None)
+    prefill = planner.plan(step([0], [20], table[:1]))  # not a decode: the store's arrays, b's freed slot
+    assert not prefill.device_store and prefill.full_block_ids.tolist() == [3] and prefill.tail_slot.tolist() == [1]
+    assert planner.plan(step([0, 0], [1, 1], table[:2])).tail_slot.tolist() == [0, 0]  # a dummy run: no report
