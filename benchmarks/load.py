@@ -4,7 +4,10 @@ For each dtype: start ``xquant-vllm serve`` with the same KV memory, run Locust 
 rate and duration; :mod:`benchmarks.locustfile`), sample /metrics every second meanwhile, stop the server
 with SIGTERM. Records requests/s, output tokens/s, p50/p95 time to first token and latency, failures, and the
 KV figures (capacity, bytes per token, blocks used, running and waiting requests) in
-``benchmarks/results/load.json``, a plot in ``load.png`` and the command in ``load_command.txt``.
+``benchmarks/results/load.json``, a plot in ``load.png`` and the command in ``load_command.txt``. With
+``--rounds N`` the dtypes run interleaved N times (auto, xquant, auto, xquant, ...), so that the load of a shared
+machine falls on both alike; the machine's load average is recorded around every run, and the summary holds
+each dtype's mean and its ratio to the first dtype.
 
     python benchmarks/load.py --dtypes auto,xquant --users 16 --duration 60
 """
@@ -83,6 +86,10 @@ def read_locust_csv(prefix: Path) -> dict[str, dict[str, str]]:
         return {f"{row['Type']} {row['Name']}".strip(): row for row in csv.DictReader(f)}
 
 
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def run_one(args: argparse.Namespace, dtype: str, work: Path) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -90,6 +97,7 @@ def run_one(args: argparse.Namespace, dtype: str, work: Path) -> dict:
     try:
         static = {k: v for k, v in scrape(url).items() if k in KV_STATIC}
         before = scrape(url)
+        load_before = load_average()
         prefix = work / f"locust-{dtype}"
         env = {**os.environ, "LOAD_PROMPT_WORDS": str(args.prompt_words), "LOAD_MAX_TOKENS": str(args.max_tokens)}
         locust = subprocess.Popen(
@@ -107,6 +115,7 @@ def run_one(args: argparse.Namespace, dtype: str, work: Path) -> dict:
                 bar.update(min(1, args.duration - bar.n))
         elapsed = time.monotonic() - t0
         after = scrape(url)
+        load_after = load_average()
     finally:
         stop_server(proc)
     rows = read_locust_csv(prefix)
@@ -133,6 +142,8 @@ def run_one(args: argparse.Namespace, dtype: str, work: Path) -> dict:
         "ttft_p95_ms": ms(ttft, "95%"),
         "latency": latency,
         "elapsed_s": round(elapsed, 1),
+        "load_avg_before": load_before,  # 1/5/15-minute load averages of the machine
+        "load_avg_after": load_after,
         "kv": {k.removeprefix("xquant_"): v for k, v in static.items()},
         "kv_during": {
             "max_blocks_used": max(s["xquant_kv_blocks_used"] for s in samples),
@@ -151,7 +162,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["kv_cache_dtype"] for r in results]
+    rounds = len({r.get("round", 0) for r in results})
+    names = [r["kv_cache_dtype"] + (f" #{r['round'] + 1}" if rounds > 1 else "") for r in results]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     ax = axes[0][0]
     ax.bar(names, [r["output_tokens_per_s"] for r in results], color="tab:blue")
@@ -168,19 +180,19 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_xticks(range(len(names)), names)
     ax.set_title("seconds, streamed requests")
     ax.legend(fontsize=8)
-    for r in results:
+    for r, name in zip(results, names):
         t = [s["t"] for s in r["samples"]]
-        axes[1][0].plot(t, [s["xquant_kv_usage_ratio"] * 100 for s in r["samples"]], label=r["kv_cache_dtype"])
-        axes[1][1].plot(t, [s["xquant_requests_running"] for s in r["samples"]], label=f"{r['kv_cache_dtype']} running")
-        axes[1][1].plot(t, [s["xquant_requests_waiting"] for s in r["samples"]], "--",
-                        label=f"{r['kv_cache_dtype']} waiting")
+        axes[1][0].plot(t, [s["xquant_kv_usage_ratio"] * 100 for s in r["samples"]], label=name)
+        axes[1][1].plot(t, [s["xquant_requests_running"] for s in r["samples"]], label=f"{name} running")
+        axes[1][1].plot(t, [s["xquant_requests_waiting"] for s in r["samples"]], "--", label=f"{name} waiting")
     axes[1][0].set_title("KV blocks in use (% of capacity)")
     axes[1][0].set_xlabel("s")
     axes[1][0].legend(fontsize=8)
     axes[1][1].set_title("requests running / waiting")
     axes[1][1].set_xlabel("s")
     axes[1][1].legend(fontsize=8)
-    caps = ", ".join(f"{r['kv_cache_dtype']}: {r['kv']['kv_capacity_tokens']:,.0f} tokens" for r in results)
+    caps = ", ".join(f"{r['kv_cache_dtype']}: {r['kv']['kv_capacity_tokens']:,.0f} tokens"
+                     for r in results if r.get("round", 0) == 0)
     fig.suptitle(f"Load test, same KV memory ({caps})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -200,21 +212,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=16, help="batch size limit (default 16)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra option for serve (repeatable)")
     parser.add_argument("--start-timeout", type=int, default=300, help="seconds to wait for a server (default 300)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs of every dtype (default 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "load", help="output prefix (default results/load)")
     args = parser.parse_args(argv)
 
     results = []
+    dtypes = args.dtypes.split(",")
     with tempfile.TemporaryDirectory(prefix="xquant-load-") as tmp:
-        for dtype in args.dtypes.split(","):
-            result = run_one(args, dtype, Path(tmp))
-            results.append(result)
-            print(f"{dtype}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output tok/s, "
-                  f"TTFT p50 {result['ttft_p50_ms']} ms, failures {result['failures']}, "
-                  f"max running {result['kv_during']['max_running']:.0f}", flush=True)
+        for round_ in range(args.rounds):
+            for dtype in dtypes:
+                result = {"round": round_, **run_one(args, dtype, Path(tmp))}
+                results.append(result)
+                print(f"{dtype}: {result['requests_per_s']:.2f} req/s, {result['output_tokens_per_s']:.1f} output "
+                      f"tok/s, TTFT p50 {result['ttft_p50_ms']} ms, failures {result['failures']}, max running "
+                      f"{result['kv_during']['max_running']:.0f}, load {result['load_avg_before']}", flush=True)
+    summary = {}
+    for dtype in dtypes:
+        mine = [r for r in results if r["kv_cache_dtype"] == dtype]
+        summary[dtype] = {"output_tokens_per_s": sum(r["output_tokens_per_s"] for r in mine) / len(mine),
+                          "requests_per_s": sum(r["requests_per_s"] for r in mine) / len(mine),
+                          "failures": sum(r["failures"] for r in mine), "runs": len(mine)}  # fmt: skip
+    for dtype in dtypes:
+        summary[dtype]["output_tokens_per_s_vs_first"] = (
+            summary[dtype]["output_tokens_per_s"] / summary[dtypes[0]]["output_tokens_per_s"]
+        )
+        print(f"{dtype}: mean {summary[dtype]['output_tokens_per_s']:.1f} output tok/s "
+              f"({summary[dtype]['output_tokens_per_s_vs_first']:.2f}x {dtypes[0]})")  # fmt: skip
     command = "python benchmarks/load.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"command": command, "settings": settings, "results": results}
+    record = {"command": command, "settings": settings, "cpu_count": os.cpu_count(), "summary": summary,
+              "results": results}
     Path(f"{args.out}.json").write_text(json.dumps(record, indent=2) + "\n")
     Path(f"{args.out}_command.txt").write_text(command + "\n")
     plot(results, Path(f"{args.out}.png"))

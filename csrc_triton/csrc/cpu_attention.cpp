@@ -40,8 +40,14 @@ typedef uint16_t vh __attribute__((vector_size(32)));
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf bc(float x) { return vf{} + x; }
+#if defined(__AVX512F__)
+inline float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+inline float hmax(vf v) { return _mm512_reduce_max_ps((__m512)v); }
+#else
 inline float hsum(vf v) { float s = 0.f; for (int i = 0; i < L; ++i) s += v[i]; return s; }
 inline float hmax(vf v) { float s = v[0]; for (int i = 1; i < L; ++i) s = std::max(s, v[i]); return s; }
+#endif
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // 2^x to ~1e-7 relative (x <= 0 here); exactly 0 below 2^-126.
 inline vf exp2v(vf x) {
@@ -262,8 +268,9 @@ void pv(int M, const float* w, int ldw_m, int ldw_g, int vpg, const float* V, in
 void softmax_tile(int M, int W, float* S, int lds, float* mrow, float* lrow, float* acc, int D) {
   for (int m = 0; m < M; ++m) {
     float* s = S + m * lds;
-    float mx = mrow[m];
-    for (int c = 0; c < W; c += L) mx = std::max(mx, hmax(ld(s + c)));
+    vf vm = ld(s);
+    for (int c = L; c < W; c += L) vm = vmax(vm, ld(s + c));
+    const float mx = std::max(mrow[m], hmax(vm));
     if (mx == NEG_INF) {  // nothing visible yet (not reached for well-formed batches)
       std::memset(s, 0, sizeof(float) * W);
       continue;
@@ -383,8 +390,12 @@ void attend(const Ctx& c, const Item& it, Scratch& s) {
     const T* tk = static_cast<const T*>(c.tail_k) + base;
     const T* tv = static_cast<const T*>(c.tail_v) + base;
     const int w = (nt + L - 1) / L * L;
-    for (int d = 0; d < D; ++d)
-      for (int t = 0; t < w; ++t) s.Kt[d * W + t] = t < nt ? static_cast<float>(tk[t * D + d]) : 0.f;
+    for (int d = 0; d < D; ++d) std::memset(s.Kt + d * W + nt, 0, sizeof(float) * (w - nt));
+    for (int t = 0; t < nt; ++t)
+      for (int d = 0; d < D; d += L) {
+        const vf kv = ld16<T>(tk + t * D + d);
+        for (int i = 0; i < L; ++i) s.Kt[(d + i) * W + t] = kv[i];
+      }
     for (int t = 0; t < nt; ++t)
       for (int d = 0; d < D; d += L) st(s.Vc + t * D + d, ld16<T>(tv + t * D + d));
     scores(M, w, s.Q, D, nullptr, s.Kt, W, D, s.S, W);
