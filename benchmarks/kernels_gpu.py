@@ -156,6 +156,12 @@ def run_checks() -> list[dict]:
             err = rel_err(out, ref)
             kernel = "paged_attention (generic kernel)" if generic else "paged_attention (decode kernel)"
             results.append(dict(kernel=kernel, case=name, rel_err=err, ok=bool(err < TOL[case.dtype])))
+    name, case, (splits, tile) = attention_cases()[1]
+    out = on_device(case, DEV).poisoned_out()
+    attention.paged_attention_triton(*on_device(case, DEV).attention_args(out), prefetch=False)
+    err = rel_err(out, case.expected_attention())
+    results.append(dict(kernel="paged_attention (decode, no prefetch)", case=name, rel_err=err,
+                        ok=bool(err < TOL[case.dtype])))  # fmt: skip
     results.append(check_graph_replay())
     # the public dispatcher picks Triton on CUDA
     name, case, _ = attention_cases()[0]
@@ -398,6 +404,7 @@ def time_quant_kind(
     warps: int | None = None,
     generic: bool = False,
     regs: int | None = None,
+    prefetch: bool = True,
 ) -> tuple[float, int]:
     H, dt = db.shape.num_kv_heads, db.shape.dtype
     layout = page_layout(lq, dt)
@@ -424,7 +431,8 @@ def time_quant_kind(
     )
     ms = bench(
         lambda: attention.paged_attention_triton(
-            *args, num_splits=splits, tile_tokens=tile, num_warps=warps, generic=generic, max_registers=regs
+            *args, num_splits=splits, tile_tokens=tile, num_warps=warps, generic=generic, max_registers=regs,
+            **({} if prefetch else {"prefetch": False}),
         ),
         rep_ms,
     )
@@ -524,6 +532,7 @@ def time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs, generic_pr
                 speedup_vs_bf16=bf16_ms / total_ms,
                 speedup_vs_sdpa=sdpa_ms / total_ms,
                 kinds=kinds,
+                config=cfg.describe(),
             )
         )
     return rows
@@ -574,33 +583,80 @@ def time_targets(args, copy_gbs: float) -> list[dict]:
     for (model, batch, ctx), want in TARGETS.items():
         shape, hq = MODELS[model]
         generic = ["xquant"] if (model, batch) == ("llama3-8b", 32) or DEV == "cpu" else []
-        rows += time_point(args, shape, hq, model, batch, ctx, sorted(want), copy_gbs, generic)
+        presets = sorted(want) + [p for p in ("xquant-paper",) if p in PRESETS]
+        rows += time_point(args, shape, hq, model, batch, ctx, presets, copy_gbs, generic)
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def decode_sweep(args, copy_gbs: float) -> list[dict]:
-    """The decode kernel's launch knobs (tokens per step x warps x splits) for the 1- and 2-bit xquant layers at
-    Llama-3-8B, 32 x 32k (what the defaults should be)."""
+    """The decode kernel's launch knobs (tokens per step x warps x splits x register cap) for a 1- and a 2-bit
+    layer (block 32, 16-bit metadata) at Llama-3-8B, 32 x 32k (what the defaults should be)."""
     shape, hq = MODELS["llama3-8b"]
     batch, ctx = (32, 32768) if DEV == "cuda" else (2, 256)
     db = DecodeBatch(shape, hq, batch, ctx, 32)
-    cfg = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size)
+    layers = (("1-bit", layer_pair(1, 1, head_size=128, block=32, v_group=32)[0]),
+              ("2-bit", layer_pair(2, 2, head_size=128, block=32, v_group=32)[0]))  # fmt: skip
     auto = decode_mod.decode_splits(batch, shape.num_kv_heads, db.plan.block_table.shape[1], torch.device(DEV))
-    points = [(tile, warps, None, auto) for tile, warps in ((128, 4), (64, 4), (128, 8), (64, 8))]
-    points += [(128, 4, None, s) for s in sorted({max(1, auto // 2), 2 * auto})]
-    points += [(tile, 4, regs, auto) for tile in (128, 64) for regs in (168, 128)]
+    points = [(tile, warps, None, auto, True) for tile, warps in ((128, 4), (64, 4), (128, 8))]
+    points += [(128, 4, None, s, True) for s in sorted({max(1, auto // 2), 2 * auto})]
+    points += [(tile, 4, regs, auto, True) for tile in (128, 64) for regs in (168, 128)]
+    points += [(tile, 4, regs, auto, False) for tile in (128, 64) for regs in (None, 168, 128)]
     rows = []
-    for name, lq in (("1-bit", cfg.layer(shape.num_layers - 2)), ("2-bit", cfg.layer(0))):
-        for tile, warps, regs, splits in points:
-            ms, read = time_quant_kind(db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps, regs=regs)
+    for name, lq in layers:
+        for tile, warps, regs, splits, prefetch in points:
+            ms, read = time_quant_kind(
+                db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps, regs=regs, prefetch=prefetch
+            )
             gbs = read / ms / 1e6
             rows.append(
                 dict(layer=name, tile_tokens=tile, num_warps=warps, max_registers=regs, splits=splits,
-                     auto_splits=auto, ms=ms, gbs=gbs, frac_copy_bw=gbs / copy_gbs)
+                     prefetch=prefetch, auto_splits=auto, ms=ms, gbs=gbs, frac_copy_bw=gbs / copy_gbs)
             )  # fmt: skip
-            log(f"sweep {name} tile={tile} warps={warps} regs={regs} splits={splits}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
+            log(f"sweep {name} tile={tile} warps={warps} regs={regs} splits={splits} prefetch={prefetch}: "
+                f"{ms * 1e3:.1f} us {gbs:.0f} GB/s")
+    return rows
+
+
+def time_prefill(args, copy_gbs: float) -> list[dict]:
+    """Chunked prefill at Llama-3-8B: ``R`` requests, each a 2,048-token chunk over 32k of past (issue 14's
+    prefill target), through the generic kernel: a 2- and a 1-bit layer (block 32) against the bf16 paged cache."""
+    shape, hq = MODELS["llama3-8b"]
+    H, D, B, dt = shape.num_kv_heads, shape.head_size, 32, shape.dtype
+    R, chunk, past = (2, 2048, 32768) if DEV == "cuda" else (1, 8, 64)
+    nblk = (past + chunk) // B
+    ids = torch.randperm(R * nblk, device=DEV).to(torch.int32).reshape(R, nblk)
+    plan = kernels.build_step_plan(
+        torch.arange(R + 1, dtype=torch.int32, device=DEV) * chunk,
+        torch.full((R,), past, dtype=torch.int32, device=DEV),
+        ids, torch.arange(R, dtype=torch.int32, device=DEV), B,
+    )  # fmt: skip
+    query = torch.randn(R * chunk, hq, D, device=DEV, dtype=dt)
+    key, value = (torch.randn(R * chunk, H, D, device=DEV, dtype=dt) for _ in range(2))
+    tail_k, tail_v = (torch.randn(R, H, B, D, device=DEV, dtype=dt) for _ in range(2))
+    out = torch.empty_like(query)
+    k_cache, v_cache = (torch.randn(R * nblk, H, B, D, device=DEV, dtype=dt) for _ in range(2))
+    bf16_ms = bench(
+        lambda: attention.paged_attention_fp_triton(query, key, value, k_cache, v_cache, plan, D**-0.5, out),
+        args.rep_ms,
+    )
+    del k_cache, v_cache
+    rows = [dict(method="bf16-paged-triton", requests=R, chunk=chunk, past=past, ms=bf16_ms)]
+    log(f"prefill {R}x{chunk} over {past}: bf16 paged {bf16_ms * 1e3:.1f} us")
+    for name, bits in (("2-bit layer", (2, 2)), ("1-bit layer", (1, 1))):
+        lq = layer_pair(*bits, head_size=D, block=B, v_group=32)[0]
+        layout = page_layout(lq, dt)
+        pages = random_pages(layout, R * nblk, H, dt)
+        ms = bench(
+            lambda: attention.paged_attention_triton(
+                query, key, value, pages, tail_k, tail_v, plan, lq, layout, D**-0.5, out
+            ),
+            args.rep_ms,
+        )
+        del pages
+        rows.append(dict(method=name, requests=R, chunk=chunk, past=past, ms=ms, vs_bf16=ms / bf16_ms))
+        log(f"prefill {R}x{chunk} over {past}: {name} {ms * 1e3:.1f} us = {ms / bf16_ms:.2f}x bf16 (target <= 1.25x)")
     return rows
 
 
@@ -638,16 +694,17 @@ def target_table(rows: list[dict], copy_gbs: float) -> tuple[list[str], dict]:
 
 
 def profile_one(args) -> None:
-    """One launch of the 1-bit xquant layer and one of the bf16 baseline (run under ``ncu``)."""
+    """One launch each of a 2-bit and a 1-bit xquant layer and of the bf16 baseline (run under ``ncu``)."""
     shape, hq = MODELS["llama3-8b"]
     db = DecodeBatch(shape, hq, args.batches[0], args.contexts[-1], 32)
-    lq = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size).layer(shape.num_layers - 2)
-    layout = page_layout(lq, shape.dtype)
-    pages = random_pages(layout, db.num_blocks, shape.num_kv_heads, shape.dtype)
-    attention.paged_attention_triton(
-        db.query, db.key, db.value, pages, db.tail_k, db.tail_v, db.plan, lq, layout, db.scale, db.out
-    )
-    del pages
+    cfg = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size)
+    for lq in (cfg.layer(0), cfg.layer(shape.num_layers - 2)):  # a 2-bit and a 1-bit layer
+        layout = page_layout(lq, shape.dtype)
+        pages = random_pages(layout, db.num_blocks, shape.num_kv_heads, shape.dtype)
+        attention.paged_attention_triton(
+            db.query, db.key, db.value, pages, db.tail_k, db.tail_v, db.plan, lq, layout, db.scale, db.out
+        )
+        del pages
     k_cache = torch.randn(db.num_blocks, shape.num_kv_heads, 32, shape.head_size, device=DEV, dtype=shape.dtype)
     attention.paged_attention_fp_triton(
         db.query, db.key, db.value, k_cache, torch.randn_like(k_cache), db.plan, db.scale, db.out
@@ -825,6 +882,7 @@ def main() -> None:
         sections += [
             ("decode", lambda: time_targets(args, result["copy_gbs"])),
             ("decode_sweep", lambda: decode_sweep(args, result["copy_gbs"])),
+            ("prefill", lambda: time_prefill(args, result["copy_gbs"])),
         ]
     else:
         sections += [
@@ -860,10 +918,15 @@ def main() -> None:
             for layer in ("1-bit", "2-bit"):
                 best = min((r for r in sweep if r["layer"] == layer), key=lambda r: r["ms"])
                 log(f"sweep best {layer}: tile={best['tile_tokens']} warps={best['num_warps']} "
-                    f"regs={best['max_registers']} splits={best['splits']} (auto {best['auto_splits']}): "
+                    f"regs={best['max_registers']} splits={best['splits']} (auto {best['auto_splits']}) "
+                    f"prefetch={best['prefetch']}: "
                     f"{best['ms'] * 1e3:.1f} us")  # fmt: skip
         for line in lines:
             print(line)
+        for r in result.get("prefill") or []:
+            if isinstance(r, dict) and "vs_bf16" in r:
+                print(f"prefill {r['requests']}x{r['chunk']} over {r['past']} {r['method']}: {r['ms'] * 1e3:.0f} us, "
+                      f"{r['vs_bf16']:.2f}x bf16 (target <= 1.25x)")  # fmt: skip
         for name, met in result["issue14_targets"].items():
             print(f"  {'met   ' if met else 'MISSED'} {name}")
         return

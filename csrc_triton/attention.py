@@ -315,6 +315,7 @@ def paged_attention_triton(
     num_warps: int | None = None,
     generic: bool = False,
     max_registers: int | None = None,
+    prefetch: bool = True,
 ) -> None:
     """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
 
@@ -322,8 +323,9 @@ def paged_attention_triton(
     shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. A decode step (``plan.max_query_len <= 1``)
     runs the decode kernel (``decode.py``: key scales folded into the query, a launch CUDA graphs can capture),
     any other step this module's kernel; ``generic=True`` forces the latter (tests, benchmark comparisons).
-    ``num_splits``, ``tile_tokens``, ``num_warps`` and (decode) ``max_registers`` override the context split,
-    the tokens per loop step, the warps per program and the register cap (benchmark sweeps).
+    ``num_splits``, ``tile_tokens``, ``num_warps`` and (decode) ``max_registers``, ``prefetch`` override the
+    context split, the tokens per loop step, the warps per program, the register cap and the loads issued a step
+    ahead (benchmark sweeps).
     """
     _check_common(query, key, out, layout.block, plan)
     if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
@@ -337,6 +339,7 @@ def paged_attention_triton(
         launch_decode(
             query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout, (kc_off, vc_off), etas, scale,
             num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps, max_registers=max_registers,
+            prefetch=prefetch,
         )  # fmt: skip
         return
     offsets = (kc_off, vc_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)

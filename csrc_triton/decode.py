@@ -42,6 +42,9 @@ MIN_BLOCKS_PER_SPLIT = 8  # below this a split's fixed cost (query, tail, merge)
 PROGRAMS_PER_SM = 8  # the splits aim at this many programs per SM: enough to hide the page loads' latency
 MAX_SPLITS = 64
 TILE_TOKENS = 128  # tokens per loop step (NB pages)
+# 1-bit keys: 64 tokens a step under a 168-register cap (3 programs an SM) measured 4% faster than the default on
+# the H200 (benchmarks/results/kernels_gpu_notes.md); 2-bit layers were fastest with the defaults.
+ONE_BIT_TILE_TOKENS, ONE_BIT_MAX_REGISTERS = 64, 168
 MAX_TILE_ELEMENTS = 128 * 128  # tokens x head size of one step: the unpacked tiles live in registers
 
 
@@ -219,6 +222,7 @@ def _decode_kernel(
     KEY_META_OFF: tl.constexpr,
     VALUE_META_OFF: tl.constexpr,
     SUPER_OFF: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue each step's loads one step ahead
     DOT_F32: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -277,17 +281,25 @@ def _decode_kernel(
     off_k = h * key_codes_stride_head
     off_v = h * value_codes_stride_head
     off_m = h * meta_stride_head
-    kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
-        table, j_lo, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
-        value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-        KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
-    )  # fmt: skip
-    for j0 in range(j_lo, j_hi, NB):
-        nxt = _load_step(  # in flight during this step's math (Triton's pipeliner does not reach these loads)
-            table, j0 + NB, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
+    if PREFETCH:
+        kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
+            table, j_lo, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
             value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
             KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
         )  # fmt: skip
+    for j0 in range(j_lo, j_hi, NB):
+        if PREFETCH:  # the next step's loads in flight during this step's math (Triton's pipeliner misses them)
+            nxt = _load_step(
+                table, j0 + NB, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
+                value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+            )  # fmt: skip
+        else:  # fewer registers: more programs per SM hide the loads instead
+            kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
+                table, j0, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
+                value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+            )  # fmt: skip
         k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [D, SL]
         q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
         bias = tl.sum(tl.reshape(k_zero[:, :, None] * q_scaled[:, None, :], (D, M)), 0)  # [M]
@@ -297,7 +309,8 @@ def _decode_kernel(
         p, alpha, m_i, l_i = _online_update(s, bias, m_i, l_i)
         v_t = tl.trans(value_tile(vw, va, vb, vlo, vhi, V_BITS, value_eta, value_one_minus_2eta, META_BITS))
         acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p.to(tl.float16))
-        kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = nxt
+        if PREFETCH:
+            kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = nxt
 
     if split == 0:  # the partial block (tail slot) and the step's own token, at full precision, slot 0's rows
         t = tl.arange(0, B)
@@ -394,6 +407,7 @@ def launch_decode(
     tile_tokens: int | None = None,
     num_warps: int | None = None,
     max_registers: int | None = None,
+    prefetch: bool = True,
 ) -> None:
     """Launch the decode kernel (and the split merge). ``offsets``: the key and value code offsets in
     ``key_codes`` / ``value_codes`` pages; ``etas``: ``(eta, 1 - 2 eta)`` of keys and values. Shapes decide
@@ -404,6 +418,8 @@ def launch_decode(
     GP = triton.next_power_of_2(G)
     R = plan.past_lens.shape[0]
     B = layout.block
+    if layout.k_bits == 1 and tile_tokens is None and max_registers is None and query.device.type == "cuda":
+        tile_tokens, max_registers = ONE_BIT_TILE_TOKENS, ONE_BIT_MAX_REGISTERS
     tokens = min(tile_tokens or TILE_TOKENS, MAX_TILE_ELEMENTS // D)
     NB = max(1, tokens // B)
     M = max(16, NB * GP)
@@ -470,6 +486,7 @@ def launch_decode(
         KEY_META_OFF=layout.k_meta_off,
         VALUE_META_OFF=layout.v_meta_off,
         SUPER_OFF=max(layout.super_off, 0),
+        PREFETCH=prefetch,
         DOT_F32=query.device.type != "cuda",
         num_warps=num_warps or 4,
         **({"maxnreg": max_registers} if max_registers else {}),
