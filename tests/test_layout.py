@@ -15,30 +15,42 @@ def layer(preset: str, index: int, num_layers: int = 32, head_size: int = 64, **
     return make_config(preset, num_layers=num_layers, head_size=head_size, overrides=overrides).layer(index)
 
 
-# (preset, layer, head size, bytes by hand: key codes + value codes + key meta + value meta [+ 8-bit super])
+# xquant-max's layout with cross-layer sharing at 32 layers: keys from 3L/4, values from L/2 (odd layers only)
+SHARED_MAX = {"k_share_from": 24, "v_share_from": 16, "rotate_keys": False, "rotate_values": False}
+
+# (preset, overrides, layer, head size, bytes by hand: key codes + value codes + key meta + value meta [+ 8-bit super])
 PAGES_BY_HAND = [
-    ("kivi-2", 0, 64, 64 * 8 + 32 * 16 + 2 * 64 * 2 + 2 * 32 * 2 * 2),  # D rows of B*2/8, B rows of D*2/8
-    ("kivi-2", 0, 128, 128 * 8 + 32 * 32 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
-    ("kivi-4", 0, 64, 64 * 16 + 32 * 32 + 2 * 64 * 2 + 2 * 32 * 2 * 2),
-    ("kivi-4", 0, 128, 128 * 16 + 32 * 64 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
-    ("xquant", 20, 64, 64 * 4 + 32 * 8 + 2 * 64 * 2 + 2 * 32 * 2 * 2),  # 1-bit layer
-    ("xquant", 20, 128, 128 * 4 + 32 * 16 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
-    ("xquant", 25, 64, 2 * 64 * 2 + 2 * 32 * 2 * 2),  # K and V shared: metadata only
-    ("xquant", 25, 128, 2 * 128 * 2 + 2 * 32 * 4 * 2),
-    # xquant-max: B = 64, G_v = 64, uint8 min/max, 16-byte fp32 super range; keys 2-bit, values 1-bit
-    ("xquant-max", 0, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # nothing shared
-    ("xquant-max", 0, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
-    ("xquant-max", 17, 64, 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # values shared (from L/2), keys not (from 3L/4)
-    ("xquant-max", 17, 128, 16 + 128 * 16 + 2 * 128 + 2 * 64 * 2),
-    ("xquant-max", 25, 64, 16 + 2 * 64 + 2 * 64 * 1),  # both shared: metadata only
-    ("xquant-max", 25, 128, 16 + 2 * 128 + 2 * 64 * 2),
+    ("kivi-2", {}, 0, 64, 64 * 8 + 32 * 16 + 2 * 64 * 2 + 2 * 32 * 2 * 2),  # D rows of B*2/8, B rows of D*2/8
+    ("kivi-2", {}, 0, 128, 128 * 8 + 32 * 32 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
+    ("kivi-4", {}, 0, 64, 64 * 16 + 32 * 32 + 2 * 64 * 2 + 2 * 32 * 2 * 2),
+    ("kivi-4", {}, 0, 128, 128 * 16 + 32 * 64 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
+    ("xquant-paper", {}, 20, 64, 64 * 4 + 32 * 8 + 2 * 64 * 2 + 2 * 32 * 2 * 2),  # 1-bit layer
+    ("xquant-paper", {}, 20, 128, 128 * 4 + 32 * 16 + 2 * 128 * 2 + 2 * 32 * 4 * 2),
+    ("xquant-paper", {}, 25, 64, 2 * 64 * 2 + 2 * 32 * 2 * 2),  # K and V shared: metadata only
+    ("xquant-paper", {}, 25, 128, 2 * 128 * 2 + 2 * 32 * 4 * 2),
+    # ours: B = 64, G_v = 64, uint8 min/max, 16-byte fp32 super range, keys 2-bit; the rotation changes no byte
+    ("xquant", {}, 0, 64, 16 + 64 * 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # 2-bit values (layers < 16)
+    ("xquant", {}, 0, 128, 16 + 128 * 16 + 64 * 32 + 2 * 128 + 2 * 64 * 2),
+    ("xquant", {}, 20, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit values
+    ("xquant", {}, 20, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", {}, 0, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit values everywhere
+    ("xquant-max", {}, 0, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", {}, 25, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # nothing shared
+    ("xquant-max", SHARED_MAX, 0, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # nothing shared
+    ("xquant-max", SHARED_MAX, 0, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", SHARED_MAX, 17, 64, 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # values shared, keys not
+    ("xquant-max", SHARED_MAX, 17, 128, 16 + 128 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant-max", SHARED_MAX, 25, 64, 16 + 2 * 64 + 2 * 64 * 1),  # both shared: metadata only
+    ("xquant-max", SHARED_MAX, 25, 128, 16 + 2 * 128 + 2 * 64 * 2),
 ]
 
 
-@pytest.mark.parametrize(("preset", "index", "head_size", "by_hand"), PAGES_BY_HAND)
+@pytest.mark.parametrize(("preset", "overrides", "index", "head_size", "by_hand"), PAGES_BY_HAND)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_page_bytes_by_hand(preset: str, index: int, head_size: int, by_hand: int, dtype: torch.dtype) -> None:
-    lq = layer(preset, index, head_size=head_size)
+def test_page_bytes_by_hand(
+    preset: str, overrides: dict, index: int, head_size: int, by_hand: int, dtype: torch.dtype
+) -> None:
+    lq = layer(preset, index, head_size=head_size, **overrides)
     assert by_hand % 16 == 0  # every hand-computed page here is already aligned: no padding expected
     assert page_bytes(lq, dtype) == by_hand
 
@@ -88,14 +100,14 @@ def history(lq: LayerQuant, blocks: int, heads: int, dtype: torch.dtype, seed: i
     return (torch.randn(shape, generator=g) * 2).to(dtype), (torch.randn(shape, generator=g) + 1).to(dtype)
 
 
-# every preset, and each layer kind it has: 2-bit (or 4), 1-bit, shared K and V, and K shared alone
-KINDS = [(p, i) for p in PRESETS for i in (0, 20, 25)] + [("xquant-max", 17)]
+# every preset, and each layer kind it has: 2-bit (or 4), 1-bit, shared K and V; V shared alone in 8-bit pages
+KINDS = [(p, {}, i) for p in PRESETS for i in (0, 20, 25)] + [("xquant-max", SHARED_MAX, i) for i in (17, 25)]
 
 
-@pytest.mark.parametrize(("preset", "index"), KINDS)
+@pytest.mark.parametrize(("preset", "overrides", "index"), KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_write_read_roundtrip(preset: str, index: int, dtype: torch.dtype) -> None:
-    lq = layer(preset, index)
+def test_write_read_roundtrip(preset: str, overrides: dict, index: int, dtype: torch.dtype) -> None:
+    lq = layer(preset, index, **overrides)
     k, v = history(lq, blocks=3, heads=2, dtype=dtype, seed=index)
     q = quantize_layer(k, v, lq)
     layout = page_layout(lq, dtype)
@@ -115,7 +127,7 @@ def test_write_read_roundtrip(preset: str, index: int, dtype: torch.dtype) -> No
 
 
 def test_k_only_sharing_roundtrip() -> None:
-    cfg = make_config("xquant", num_layers=32, head_size=64, overrides={"v_share_from": None})
+    cfg = make_config("xquant-paper", num_layers=32, head_size=64, overrides={"v_share_from": None})
     lower, upper = cfg.layer(26), cfg.layer(27)
     assert upper.k_shared and not upper.v_shared
     k, v = history(upper, 2, 2, torch.bfloat16, 3)

@@ -1,4 +1,4 @@
-"""Reference quantizers: bit packing, group quantization, KIVI grouping, cross-layer pairs, attention.
+"""Reference quantizers: bit packing, group quantization, KIVI grouping, cross-layer pairs, rotation, attention.
 
 Expected values are computed here from the spec's formulas (shared/spec/algorithms.md sections 1-5), never
 taken from the code under test.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from xquant_vllm.config import LayerQuant, make_config
-from xquant_vllm.quant.attention import reference_attention
+from xquant_vllm.quant.attention import reference_attention, rotated_reference_attention
 from xquant_vllm.quant.groups import dequantize_groups, meta_params, quantize_groups
 from xquant_vllm.quant.kv import (
     dequantize_keys,
@@ -23,6 +23,7 @@ from xquant_vllm.quant.kv import (
     quantize_values,
 )
 from xquant_vllm.quant.packing import pack_bits, packed_len, unpack_bits
+from xquant_vllm.quant.rotation import hadamard, rotate
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -215,9 +216,9 @@ def test_values_grouped_per_token_along_channels() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("preset", ["kivi-2", "xquant"])
+@pytest.mark.parametrize("preset", ["kivi-2", "xquant-paper"])
 def test_constant_groups(dtype: torch.dtype, preset: str) -> None:
-    lq = layer(preset, index=2, num_layers=4)  # xquant: a 1-bit layer with eta = 1/6
+    lq = layer(preset, index=2, num_layers=4)  # xquant-paper: a 1-bit layer with eta = 1/6
     T, H, D = 32, 2, 64
     g = torch.Generator().manual_seed(4)
     k = torch.randn(T, H, D, generator=g).to(dtype)
@@ -240,7 +241,7 @@ def test_constant_groups(dtype: torch.dtype, preset: str) -> None:
 
 @pytest.mark.parametrize("high_layers", [0, 4])  # 1-bit pair with eta 1/6, or 2-bit pair with eta 0.045
 def test_upper_layer_reads_lower_codes_with_own_stats(high_layers: int) -> None:
-    cfg = make_config("xquant", num_layers=4, head_size=64, overrides={"k_high_layers": high_layers, "v_high_layers": high_layers})
+    cfg = make_config("xquant-paper", num_layers=4, head_size=64, overrides={"k_high_layers": high_layers, "v_high_layers": high_layers})
     lower, upper = cfg.layer(2), cfg.layer(3)
     assert (lower.k_shared, lower.v_shared, upper.k_shared, upper.v_shared) == (False, False, True, True)
     bits, eta = upper.k_bits, upper.k_eta
@@ -305,7 +306,7 @@ def test_eight_bit_meta_covers_every_group(bits: int) -> None:
 
 
 def test_eight_bit_meta_with_eta_matches_decoded_range() -> None:
-    lq = layer("xquant", index=2, num_layers=4, meta_bits=8)  # 1 bit, eta 1/6
+    lq = layer("xquant-paper", index=2, num_layers=4, meta_bits=8)  # 1 bit, eta 1/6
     k = torch.randn(32, 2, 64, generator=torch.Generator().manual_seed(12))
     codes, meta = quantize_keys(k, lq)
     s_cal, z_cal = meta_params(meta, 1, lq.k_eta)
@@ -333,7 +334,7 @@ def plain_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_
 
 @pytest.mark.parametrize("q_len", [1, 5])
 def test_attention_before_a_full_block_is_plain(q_len: int) -> None:
-    lq = layer("xquant", index=2, num_layers=4)  # 1 bit: any quantization would show at once
+    lq = layer("xquant-paper", index=2, num_layers=4)  # 1 bit: any quantization would show at once
     g = torch.Generator().manual_seed(13)
     for past_len in (0, 7, lq.k_group - 1):
         T = past_len + q_len
@@ -352,7 +353,7 @@ def test_attention_prefill_is_past_only() -> None:
 
 @pytest.mark.parametrize("past_len", [32, 45, 70])
 def test_attention_reads_full_blocks_quantized(past_len: int) -> None:
-    cfg = make_config("xquant", num_layers=4, head_size=64)
+    cfg = make_config("xquant-paper", num_layers=4, head_size=64)
     lower, upper = cfg.layer(2), cfg.layer(3)
     g = torch.Generator().manual_seed(past_len)
     q_len, T, B = 3, past_len + 3, cfg.block_size
@@ -370,3 +371,100 @@ def test_attention_reads_full_blocks_quantized(past_len: int) -> None:
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lower"):
         reference_attention(query, k, v, past_len, upper, 0.125)
+
+
+# ---- rotation -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_hadamard_is_orthogonal_and_its_own_inverse(size: int) -> None:
+    h = hadamard(size, torch.float64)
+    assert h.shape == (size, size) and torch.equal(h, h.T)
+    torch.testing.assert_close(h.abs(), torch.full_like(h, size**-0.5))  # every entry is +-1/sqrt(D)
+    torch.testing.assert_close(h @ h, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert hadamard(size).dtype == torch.float32
+
+
+@pytest.mark.parametrize("size", [0, 3, 96, 100])
+def test_hadamard_refuses_a_size_that_is_not_a_power_of_two(size: int) -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(size)
+    with pytest.raises(ValueError, match="power of two"):
+        rotate(torch.ones(2, size))
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_rotate_keeps_dot_products_and_undoes_itself(size: int) -> None:
+    g = torch.Generator().manual_seed(size)
+    q, k = torch.randn(5, 4, size, generator=g), torch.randn(5, 4, size, generator=g) * 3 + 1
+    rq, rk = rotate(q), rotate(k)
+    assert (rk - k).abs().max() > 1.0 and rk.dtype == k.dtype
+    torch.testing.assert_close((rq * rk).sum(-1), (q * k).sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(rotate(rk), k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rk, k @ hadamard(size), rtol=0, atol=0)
+    assert rotate(k.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+def test_rotation_spreads_an_outlier_channel_over_value_groups(head_size: int) -> None:
+    """Per-token value groups: one large channel stretches its group's range; rotated, every group shares it."""
+    lq = layer("xquant", num_layers=32, head_size=head_size)  # layer 0: 2-bit values, groups of 64, 8-bit meta
+    g = torch.Generator().manual_seed(head_size + 1)
+    v = torch.randn(128, 2, head_size, generator=g)
+    v[..., 5] += 20
+    plain = dequantize_values(*quantize_values(v, lq), lq, torch.float32)
+    rotated = rotate(dequantize_values(*quantize_values(rotate(v), lq), lq, torch.float32))
+    assert ((rotated - v) ** 2).mean() < 0.5 * ((plain - v) ** 2).mean()
+
+
+def by_hand_rotated(
+    query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_len: int, lq: LayerQuant, lower: tuple | None
+) -> torch.Tensor:
+    """Rotation written out with the Hadamard matrix: q, k (and lower's k) times H if keys are rotated, v (and
+    lower's v) if values are, then the plain reference, then the output times H again if values are rotated."""
+    h = hadamard(query.shape[-1])
+    hk, hv = (h if lq.rotate_k else None), (h if lq.rotate_v else None)
+    by = lambda x, m: x if m is None else x @ m  # noqa: E731
+    low = None if lower is None else (by(lower[0], hk), by(lower[1], hv))
+    return by(reference_attention(by(query, hk), by(k, hk), by(v, hv), past_len, lq, 0.125, low), hv)
+
+
+ROTATIONS = [(True, False), (False, True), (True, True)]
+
+
+@pytest.mark.parametrize("head_size", [64, 128])
+@pytest.mark.parametrize(("rotate_keys", "rotate_values"), ROTATIONS)
+def test_rotated_attention_is_attention_on_rotated_inputs(head_size: int, rotate_keys: bool, rotate_values: bool) -> None:
+    rotation = {"rotate_keys": rotate_keys, "rotate_values": rotate_values}
+    cfg = make_config("xquant-paper", num_layers=4, head_size=head_size, overrides=rotation)
+    g = torch.Generator().manual_seed(head_size + 2 * rotate_keys + rotate_values)
+    past_len, q_len = 70, 3  # two whole 32-token blocks quantized, a 6-token tail, a 3-token chunk, GQA 4:2
+    query = torch.randn(q_len, 4, head_size, generator=g)
+    k, v, k_lo, v_lo = (torch.randn(past_len + q_len, 2, head_size, generator=g) for _ in range(4))
+    k[..., 3] += 8  # an outlier channel, so that rotating changes what quantization loses
+    for lq, lower in ((cfg.layer(2), None), (cfg.layer(3), (k_lo, v_lo))):  # own codes; codes of layer 2
+        out = rotated_reference_attention(query, k, v, past_len, lq, 0.125, lower)
+        assert torch.equal(out, by_hand_rotated(query, k, v, past_len, lq, lower))
+        assert (out - reference_attention(query, k, v, past_len, lq, 0.125, lower)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("rotate_keys", "rotate_values"), ROTATIONS)
+def test_rotated_attention_before_a_full_block_is_plain(rotate_keys: bool, rotate_values: bool) -> None:
+    """Nothing quantized yet: the rotation must cancel exactly (q R . k R = q . k, P (V R) R = P V)."""
+    lq = layer("xquant-paper", index=2, num_layers=4, rotate_keys=rotate_keys, rotate_values=rotate_values)
+    g = torch.Generator().manual_seed(15)
+    query = torch.randn(5, 4, 64, generator=g)
+    k, v = torch.randn(25, 2, 64, generator=g), torch.randn(25, 2, 64, generator=g)
+    out = rotated_reference_attention(query, k, v, 20, lq, 0.125)
+    torch.testing.assert_close(out, plain_attention(query, k, v, 20, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_rotated_attention_without_rotation_is_the_reference() -> None:
+    cfg = make_config("xquant-paper", num_layers=4, head_size=64)
+    g = torch.Generator().manual_seed(16)
+    query = torch.randn(2, 4, 64, generator=g)
+    k, v, k_lo, v_lo = (torch.randn(66, 2, 64, generator=g) for _ in range(4))
+    for lq, lower in ((cfg.layer(2), None), (cfg.layer(3), (k_lo, v_lo))):
+        assert not (lq.rotate_k or lq.rotate_v)
+        out = rotated_reference_attention(query, k, v, 64, lq, 0.125, lower)
+        assert torch.equal(out, reference_attention(query, k, v, 64, lq, 0.125, lower))
