@@ -35,8 +35,9 @@ def byte_size(text: str) -> int:
     from vllm.utils.argparse_utils import human_readable_int
 
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])iB\s*", text)
-    return int(float(match.group(1)) * 2 ** (10 * "KMGT".index(match.group(2)) + 10)) if match else \
-        human_readable_int(text)
+    if match is None:
+        return human_readable_int(text)
+    return int(float(match.group(1)) * 2 ** (10 + 10 * "KMGT".index(match.group(2))))
 
 
 def build_parser() -> argparse.ArgumentParser:
