@@ -1,8 +1,8 @@
 """Quantize-and-store and paged attention over the quantized cache: Triton kernels and their PyTorch twins.
 
 ``store_kv`` and ``paged_attention`` pick the implementation from the device of the page tensor: Triton on
-CUDA; on the CPU the C++ attention over the packed pages (:mod:`.cpu_attention`, built once per machine) with
-the PyTorch store, falling back to the PyTorch path with one log line if the extension cannot be built.
+CUDA; on the CPU the C++ attention over the packed pages and store (:mod:`.cpu_attention`, built once per
+machine), falling back to the PyTorch path with one log line if the extension cannot be built.
 ``XQUANT_KERNELS=torch`` selects the PyTorch path everywhere (the reference, to check the others against it
 inside an engine); ``XQUANT_KERNELS=cpu`` insists on the C++ path on the CPU (a failed build is an error).
 Each choice is logged once. The per-step batch description shared by both
@@ -60,7 +60,7 @@ def _pick(device_type: str, choice: str) -> _Impl:
 
         try:
             cpu_attention.load_extension()
-            impl = _Impl("cpu", store_kv_torch, cpu_attention.paged_attention_cpu)
+            impl = _Impl("cpu", cpu_attention.store_kv_cpu, cpu_attention.paged_attention_cpu)
         except Exception as e:  # no compiler, no ninja, a failed build: the reference path still serves
             if choice == "cpu":
                 raise RuntimeError(f"{KERNELS_ENV}=cpu: the CPU attention extension did not build: {e}") from e

@@ -1,14 +1,16 @@
-"""The CPU fast path of ``paged_attention``: a small C++ extension that reads the packed pages directly.
+"""The CPU fast path of the kernel interface: a small C++ extension that reads and writes the packed pages.
 
-The PyTorch path (:mod:`.torch_ops`) dequantizes each request's whole history into the model dtype in every
-layer and step; this one unpacks the codes and dots them in one pass, with the scales and zero-points folded
-into the query and into the softmax weights (``csrc/cpu_attention.cpp`` explains the arithmetic), parallel over
-requests, KV heads and query tiles. It is built once per machine with ``torch.utils.cpp_extension`` (g++ and
-ninja; ``-march=native``, so the build folder is keyed by the CPU's instruction set) into the xquant cache;
-``scripts/setup.sh`` builds it ahead, otherwise the first call does (about a minute on 2 cores).
+* ``paged_attention_cpu``: the PyTorch path (:mod:`.torch_ops`) dequantizes each request's whole history into
+  the model dtype in every layer and step; this one unpacks the codes and dots them in one pass, with the scales
+  and zero-points folded into the query and into the softmax weights (``csrc/cpu_attention.cpp`` explains the
+  arithmetic), parallel over requests, KV heads and query tiles. Layers it does not cover (block or value group
+  not a multiple of 16, a head size not a multiple of 64) take the PyTorch path, call by call.
+* ``store_kv_cpu``: quantize-and-store in one pass per completed block, byte for byte the reference's
+  (``csrc/cpu_store.cpp``), instead of some hundred small PyTorch ops per layer.
 
-Layers it does not cover (block or value group not a multiple of 16, a head size not a multiple of 64) go to
-the PyTorch path, call by call.
+The extension is built once per machine with ``torch.utils.cpp_extension`` (g++ and ninja; ``-march=native``, so
+the build folder is keyed by the CPU's instruction set) into the xquant cache; ``scripts/setup.sh`` builds it
+ahead, otherwise the first call does (about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from xquant_vllm.config import LayerQuant
 from xquant_vllm.layout import PageLayout
 
 from .plan import StepPlan
-from .torch_ops import paged_attention_torch
+from .torch_ops import paged_attention_torch, store_kv_torch
 
 logger = logging.getLogger("xquant_vllm.kernels")
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_attention.cpp"
+SOURCES = [Path(__file__).resolve().parent / "csrc" / name for name in ("cpu_attention.cpp", "cpu_store.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-Wno-unused-function"]
 
 
@@ -62,7 +64,7 @@ def load_extension():
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="xquant_cpu",
-        sources=[str(SOURCE)],
+        sources=[str(p) for p in SOURCES],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(folder),
@@ -120,11 +122,40 @@ def paged_attention_cpu(
     )  # fmt: skip
 
 
+def store_kv_cpu(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    pages: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    plan: StepPlan,
+    lq: LayerQuant,
+    layout: PageLayout,
+) -> None:
+    """Same contract as :func:`.torch_ops.store_kv_torch`, the same bytes."""
+    if getattr(plan, "device_store", False):  # a plan without the store's index arrays (GPU decode graphs)
+        store_kv_torch(key, value, pages, tail_k, tail_v, plan, lq, layout)
+        return
+    load_extension().store_kv(
+        key, value, pages, tail_k, tail_v, plan.full_block_ids, plan.full_tail_slot, plan.full_tail_count,
+        plan.full_row_start, plan.tail_rows, plan.tail_dst, _store_layout(layout), lq.k_eta, lq.v_eta,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _store_layout(layout: PageLayout) -> list[int]:
+    return [
+        layout.block, layout.head_size, layout.v_group, layout.k_bits, layout.v_bits, layout.meta_bits,
+        layout.super_off, layout.k_codes_off, layout.v_codes_off, layout.k_meta_off, layout.v_meta_off,
+        layout.page_bytes,
+    ]  # fmt: skip
+
+
 def main() -> int:
     """Build the extension ahead of the first engine (``python -m xquant_vllm.kernels.cpu_attention``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     load_extension()
-    logger.info("xquant CPU attention extension ready in %s", build_directory())
+    logger.info("xquant CPU extension ready in %s", build_directory())
     return 0
 
 

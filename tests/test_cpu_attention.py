@@ -1,4 +1,4 @@
-"""The CPU fast path (C++ attention over the packed pages) against the reference and the PyTorch path.
+"""The CPU fast path (C++ attention over the packed pages, C++ store) against the reference and the PyTorch path.
 
 Random non-zero histories from ``kernel_cases`` (ragged past lengths, partial blocks, zero-length past,
 shuffled block ids, poisoned unused pages and tail rows, NaN-poisoned outputs), then one in-process engine that
@@ -17,8 +17,8 @@ import torch
 from kernel_cases import CacheSim, KernelCase, layer_pair, make_case, ragged_past_lens
 from xquant_vllm import kernels
 from xquant_vllm.kernels import _impl, _pick, cpu_attention
-from xquant_vllm.kernels.cpu_attention import paged_attention_cpu
-from xquant_vllm.kernels.torch_ops import paged_attention_torch, store_kv_torch
+from xquant_vllm.kernels.cpu_attention import paged_attention_cpu, store_kv_cpu
+from xquant_vllm.kernels.torch_ops import paged_attention_torch
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
 BITS = [(1, 1), (2, 2), (4, 4), (2, 1), (1, 4)]
@@ -140,6 +140,32 @@ def test_bad_input_names_the_field() -> None:
         paged_attention_cpu(*case.attention_args(case.poisoned_out().float()))
 
 
+# ---- store -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", ["decode", "chunked", "prefill+decode"])
+@pytest.mark.parametrize("meta_bits", [16, 8])
+@pytest.mark.parametrize("shared", [(False, False), (True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("bits,dtype", [((1, 2), torch.bfloat16), ((4, 1), torch.float16), ((2, 2), torch.bfloat16)])
+def test_store_is_the_reference_byte_for_byte(steps, meta_bits, shared, bits, dtype) -> None:
+    """Pages (codes, metadata, super range, padding) and tails equal the reference quantizer's, every byte."""
+    case = case_for(bits, meta_bits=meta_bits, shared=shared, steps=steps, num_kv_heads=2, dtype=dtype, seed=2)
+    expected = case.expected_store()
+    store_kv_cpu(*case.store_args())
+    for got, want, name in zip((case.pages, case.tail_k, case.tail_v), expected, ("pages", "tail_k", "tail_v")):
+        assert torch.equal(got, want), f"{name} differs from the reference"
+
+
+@pytest.mark.parametrize("block,v_group,head_size", [(32, 32, 128), (64, 64, 64), (16, 8, 256)])
+def test_store_shapes(block: int, v_group: int, head_size: int) -> None:
+    for meta_bits in (16, 8):
+        case = case_for((2, 1), block=block, v_group=v_group, head_size=head_size, meta_bits=meta_bits,
+                        steps="chunked", num_kv_heads=3)  # fmt: skip
+        expected = case.expected_store()
+        store_kv_cpu(*case.store_args())
+        assert all(torch.equal(g, w) for g, w in zip((case.pages, case.tail_k, case.tail_v), expected))
+
+
 @pytest.mark.parametrize(
     "bits,meta_bits,shared,dtype",
     [((2, 2), 16, (False, False), torch.float16), ((1, 2), 8, (True, True), torch.bfloat16)],
@@ -149,7 +175,7 @@ def test_multi_step_history_with_the_store(bits, meta_bits, shared, dtype) -> No
     lq, lower = layer_pair(*bits, block=B, v_group=16, meta_bits=meta_bits, k_shared=shared[0], v_shared=shared[1])
     schedule = [[B + 5, 0, 7], [2 * B, B, 9], [1, 1, 1], [1, 0, 1], [1, 1, B], [1, 1, 6]]
     sim = CacheSim(
-        lq, store_kv_torch, paged_attention_cpu, total_lens=[sum(c) for c in zip(*schedule)], num_kv_heads=2,
+        lq, store_kv_cpu, paged_attention_cpu, total_lens=[sum(c) for c in zip(*schedule)], num_kv_heads=2,
         num_q_heads=6, dtype=dtype, lower_lq=lower if any(shared) else None,
     )  # fmt: skip
     for q_lens in schedule:
