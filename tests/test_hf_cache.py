@@ -9,10 +9,12 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from xquant_vllm.config import make_config
 from xquant_vllm.hf_cache import XQuantCache
 from xquant_vllm.quant.attention import cached_history
+from xquant_vllm.quant.rotation import rotate
 from xquant_vllm.quant.kv import dequantize_keys, dequantize_values, key_meta, quantize_keys, quantize_values
 
 LAYERS, KV_HEADS, HEAD = 4, 2, 64
 SHARE_ALL = {"k_share_from": 1, "v_share_from": 1}  # both pairs share keys and values
+ROTATED = {"rotate_keys": True, "rotate_values": True}
 
 
 def cfg_for(preset: str, **overrides):
@@ -48,8 +50,27 @@ def folded(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3).reshape(t, b * h, d)
 
 
+def rotated_history(k, v, lq, lower):
+    """``cached_history`` around the layer's rotation: quantized rotated, read back rotated again."""
+    rk = lambda t: rotate(t) if lq.rotate_k else t  # noqa: E731
+    rv = lambda t: rotate(t) if lq.rotate_v else t  # noqa: E731
+    if lower is not None:
+        lower = (rk(lower[0]), rv(lower[1]))
+    hk, hv = cached_history(rk(k), rv(v), lq, lower)
+    n = (k.shape[0] // lq.k_group) * lq.k_group
+    return torch.cat([rk(hk[:n]), k[n:]]), torch.cat([rv(hv[:n]), v[n:]])
+
+
 @pytest.mark.parametrize(
-    "preset,over", [("kivi-2", {}), ("xquant", SHARE_ALL), ("xquant-max", SHARE_ALL), ("kivi-4", {})]
+    "preset,over",
+    [
+        ("kivi-2", {}),
+        ("xquant-paper", SHARE_ALL),
+        ("xquant-max", SHARE_ALL),
+        ("kivi-4", {}),
+        ("xquant-max", {**SHARE_ALL, **ROTATED}),
+        ("kivi-2", {"rotate_values": True}),
+    ],
 )
 def test_reads_follow_reference_semantics(preset, over):
     """Every chunk sees the reference's cached history (whole blocks dequantized, tail fp) plus itself at fp."""
@@ -65,7 +86,7 @@ def test_reads_follow_reference_semantics(preset, over):
                 lower = None
                 if lq.k_shared or lq.v_shared:
                     lower = tuple(seq(t[:, :, :past], b) for t in hist[layer - 1])
-                hk, hv = cached_history(k[:past], v[:past], lq, lower)
+                hk, hv = rotated_history(k[:past], v[:past], lq, lower)
                 assert torch.equal(seq(step[layer][0], b), torch.cat([hk, k[past:]]))
                 assert torch.equal(seq(step[layer][1], b), torch.cat([hv, v[past:]]))
         past += q
@@ -77,10 +98,12 @@ def test_reads_follow_reference_semantics(preset, over):
         ("kivi-2", {}, 64, 64),
         ("xquant-max", {}, 64, 64),
         ("kivi-2", {"residual_rule": "reference", "residual": 32}, 64, 57),
+        ("xquant-max", ROTATED, 64, 64),
     ],
 )
 def test_stored_codes_and_meta_are_the_reference_quantizers(preset, over, k_n, v_n):
-    """Quantized incrementally (runs, single tokens), the stored codes and meta equal one reference call."""
+    """Quantized incrementally (runs, single tokens), the stored codes and meta equal one reference call
+    (on the rotated tensor when the config rotates it)."""
     cfg = cfg_for(preset, k_share_from=None, v_share_from=None, **over)
     cache = XQuantCache(cfg)
     hist, _ = feed(cache, [40, 7, 1, 1, 40])  # 89 tokens
@@ -89,6 +112,7 @@ def test_stored_codes_and_meta_are_the_reference_quantizers(preset, over, k_n, v
         lq, lay = cfg.layer(layer), cache.layers[layer]
         assert (lay.k_done, lay.v_done) == (k_n, v_n)
         k, v = folded(hist[layer][0][:, :, :k_n]), folded(hist[layer][1][:, :, :v_n])
+        k, v = (rotate(k) if lq.rotate_k else k), (rotate(v) if lq.rotate_v else v)
         for tensor, ref in (("k", quantize_keys(k, lq)), ("v", quantize_values(v, lq))):
             codes, meta = lay.stored(tensor)
             assert torch.equal(codes, ref[0])
@@ -102,13 +126,15 @@ def test_stored_codes_and_meta_are_the_reference_quantizers(preset, over, k_n, v
     [
         ("kivi-2", "paged"),
         ("kivi-2", "reference"),
-        ("xquant", "paged"),
-        ("xquant", "reference"),
+        ("xquant-paper", "paged"),
+        ("xquant-paper", "reference"),
         ("xquant-max", "paged"),
+        ("xquant-max rotated", "paged"),
     ],
 )
 def test_mirror_equals_dequantized_codes(preset, rule):
-    cfg = cfg_for(preset, residual_rule=rule, residual=64, **SHARE_ALL)
+    name, _, rotated = preset.partition(" ")
+    cfg = cfg_for(name, residual_rule=rule, residual=64, **SHARE_ALL, **(ROTATED if rotated else {}))
     cache = XQuantCache(cfg)
     feed(cache, [70, 1, 1, 33, 1, 60])
     cache.flush()
@@ -120,7 +146,7 @@ def test_mirror_equals_dequantized_codes(preset, rule):
 
 
 def test_upper_layer_of_a_pair_reads_the_lower_codes_with_its_own_meta():
-    cfg = cfg_for("xquant", **SHARE_ALL)
+    cfg = cfg_for("xquant-paper", **SHARE_ALL)
     cache = XQuantCache(cfg)
     hist, _ = feed(cache, [64, 1])
     cache.flush()

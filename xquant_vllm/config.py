@@ -19,7 +19,7 @@ Bits = Literal[1, 2, 4]
 MetaBits = Literal[8, 16]
 ResidualRule = Literal["paged", "reference"]
 
-PRESETS = ("xquant", "xquant-1.25", "xquant-max", "asymkv-1.5", "kivi-2", "kivi-4")
+PRESETS = ("xquant", "xquant-max", "xquant-paper", "xquant-1.25", "asymkv-1.5", "kivi-2", "kivi-4")
 DEFAULT_PRESET = "xquant"
 SUPPORTED_HEAD_SIZES = (64, 128, 256)
 
@@ -56,6 +56,12 @@ class QuantConfig(BaseModel):
     eta_2: float = Field(0.045, ge=0.0, lt=0.5, description="calibration of 2-bit tensors, in [0, 0.5)")
     eta_4: float = Field(0.0, ge=0.0, lt=0.5, description="calibration of 4-bit tensors, in [0, 0.5)")
 
+    rotate_keys: bool = Field(
+        False, description="quantize keys after a Hadamard rotation of each head's channels (queries rotated alike)"
+    )
+    rotate_values: bool = Field(
+        False, description="quantize values after a Hadamard rotation of each head's channels (output rotated back)"
+    )
     meta_bits: MetaBits = Field(16, description="16: scale/zero-point in the model dtype; 8: uint8 min/max per group")
     residual_rule: ResidualRule = Field(
         "paged", description="paged: the partial last block stays full precision; reference: KIVI's R-token rule"
@@ -71,6 +77,8 @@ class QuantConfig(BaseModel):
             raise ValueError(f"v_high_layers={self.v_high_layers} must lie in [0, num_layers={L}]")
         if self.head_size % self.v_group:
             raise ValueError(f"v_group={self.v_group} must divide head_size={self.head_size}")
+        if (self.rotate_keys or self.rotate_values) and self.head_size & (self.head_size - 1):
+            raise ValueError(f"rotate_keys/rotate_values need a power-of-two head_size, got {self.head_size}")
         if self.k_group % 8:
             raise ValueError(f"k_group={self.k_group} must be a multiple of 8 (whole bytes of 1-bit codes)")
         if self.residual_rule == "reference" and self.meta_bits == 8:
@@ -124,6 +132,8 @@ class QuantConfig(BaseModel):
             v_group=self.v_group,
             head_size=self.head_size,
             meta_bits=self.meta_bits,
+            rotate_k=self.rotate_keys,
+            rotate_v=self.rotate_values,
         )
 
     def layers(self) -> list[LayerQuant]:
@@ -143,7 +153,8 @@ class QuantConfig(BaseModel):
         return (
             f"preset={self.preset} k_bits={ks} v_bits={vs} k_shared_layers={kshare or 'none'} "
             f"v_shared_layers={vshare or 'none'} G_k={self.k_group} G_v={self.v_group} "
-            f"eta(1b,2b,4b)=({self.eta_1:.4g},{self.eta_2:.4g},{self.eta_4:.4g}) meta_bits={self.meta_bits}"
+            f"eta(1b,2b,4b)=({self.eta_1:.4g},{self.eta_2:.4g},{self.eta_4:.4g}) meta_bits={self.meta_bits} "
+            f"rotated={'+'.join(n for n, on in (('keys', self.rotate_keys), ('values', self.rotate_values)) if on) or 'none'}"
         )
 
 
@@ -162,6 +173,8 @@ class LayerQuant:
     v_group: int
     head_size: int
     meta_bits: int
+    rotate_k: bool = False  # codes are of ``rotate(k)``: attention runs on rotated queries
+    rotate_v: bool = False  # codes are of ``rotate(v)``: the attention output is rotated back
 
 
 def _pair_floor(x: float) -> int:
@@ -175,21 +188,27 @@ def preset_fields(name: str, num_layers: int) -> dict[str, Any]:
     half = _pair_floor(L / 2)
     low_bits_xquant = dict(k_bits_high=2, k_bits_low=1, v_bits_high=2, v_bits_low=1, k_high_layers=half, v_high_layers=half)
     no_eta = dict(eta_1=0.0, eta_2=0.0, eta_4=0.0)
+    # Ours, chosen on SmolLM2 and Qwen2.5-0.5B (benchmarks/results/quality-*.json): keys need 2 bits everywhere;
+    # 8-bit min/max over groups of 64 nearly halves the metadata of 16-bit groups of 32 at almost no cost; a
+    # Hadamard rotation of the values spreads their outlier channels (rotating keys helps SmolLM2 a little and
+    # ruins Qwen2.5, whose per-channel key groups hold its large key biases); cross-layer sharing costs more than
+    # the bits it saves on small models, so none.
+    ours = dict(
+        k_bits_high=2, k_high_layers=L, v_bits_high=2, v_bits_low=1,
+        k_group=64, v_group=64, meta_bits=8, rotate_values=True,
+    )  # fmt: skip
     table: dict[str, dict[str, Any]] = {
         "kivi-4": dict(k_bits_high=4, v_bits_high=4, k_high_layers=L, v_high_layers=L, **no_eta),
         "kivi-2": dict(k_bits_high=2, v_bits_high=2, k_high_layers=L, v_high_layers=L, **no_eta),
         # No sharing, so no pair constraint: exactly half the (layer, tensor) slots at 2 bits, keys first.
         "asymkv-1.5": dict(low_bits_xquant, k_high_layers=math.ceil(L / 2), v_high_layers=L // 2, **no_eta),
-        "xquant": dict(low_bits_xquant, k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(3 * L / 4)),
+        # The paper's layout (spec section 7): half the layers at 1 bit, odd layers from 3L/4 share codes.
+        "xquant-paper": dict(low_bits_xquant, k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(3 * L / 4)),
         "xquant-1.25": dict(low_bits_xquant, k_share_from=math.ceil(L / 2), v_share_from=math.ceil(L / 2)),
-        # Capacity preset (spec section 9). Metadata is the bottleneck, so groups of 64 and 8-bit min/max; the
-        # layers follow the best data-free rule of the SmolLM2 sweep (benchmarks/results/quality.json): keys need
-        # more bits than values, so keys at 2 bits everywhere (shared late), values at 1 bit (shared from L/2).
-        "xquant-max": dict(
-            k_bits_high=2, k_high_layers=L, v_bits_low=1, v_high_layers=0,
-            k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(L / 2),
-            k_group=64, v_group=64, meta_bits=8,
-        ),  # fmt: skip
+        # The default: values keep 2 bits in the leading half of the layers.
+        "xquant": dict(ours, v_high_layers=half),
+        # Capacity: values at 1 bit everywhere.
+        "xquant-max": dict(ours, v_high_layers=0),
     }
     if name not in table:
         raise ValueError(f"preset={name!r} is unknown; choose one of {', '.join(PRESETS)}")

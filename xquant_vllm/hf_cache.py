@@ -16,6 +16,10 @@ Two residual rules (``QuantConfig.residual_rule``):
 * ``reference`` (KIVI / XQuant code): keys are quantized in whole runs of ``R = residual`` tokens (0..R-1 fp
   keys); values keep exactly the newest ``R`` tokens fp and quantize each token that leaves that window.
 
+An attention sink (``sink_tokens > 0``, a measurement of the harness, not a config field: the engine has no
+sink yet) keeps the first tokens of every sequence at full precision in what attention reads; their codes are
+still stored, as a page would hold them.
+
 Reads are cheap: every layer keeps a buffer ``[batch, heads, capacity, D]`` in the model dtype whose first
 tokens are the dequantized *mirror* of the stored codes (written once, when a run is quantized) and whose
 remaining tokens are the fp tail. The mirror always equals ``dequantize(codes, meta)``
@@ -40,6 +44,7 @@ from xquant_vllm.quant.kv import (
     quantize_values,
     value_meta,
 )
+from xquant_vllm.quant.rotation import rotate
 
 
 @dataclass
@@ -65,8 +70,9 @@ def cat_meta(metas: list[GroupMeta]) -> GroupMeta:
 class XQuantLayer(DynamicLayer):
     """One attention layer's quantized cache (see the module docstring)."""
 
-    def __init__(self, lq: LayerQuant, cfg: QuantConfig, lower: XQuantLayer | None = None):
+    def __init__(self, lq: LayerQuant, cfg: QuantConfig, lower: XQuantLayer | None = None, sink_tokens: int = 0):
         super().__init__()
+        self.sink_tokens = sink_tokens
         if (lq.k_shared or lq.v_shared) and lower is None:
             raise ValueError(f"layer {lq.index} shares codes: it needs its lower partner layer")
         self.lq, self.lower = lq, lower
@@ -128,10 +134,17 @@ class XQuantLayer(DynamicLayer):
             self.v_done = v_end
 
     def _quantize(self, tensor: str, a: int, b: int) -> None:
-        """Store tokens ``[a, b)`` of ``tensor`` as codes + meta (meta only if shared) and write their mirror."""
+        """Store tokens ``[a, b)`` of ``tensor`` as codes + meta (meta only if shared) and write their mirror.
+
+        A rotated tensor stores the codes of ``rotate(x)``; its mirror is rotated back (the rotation is its own
+        inverse), which is what the engine's attention computes on rotated queries and outputs.
+        """
         quantize, meta_of, dequantize = _OPS[tensor]
+        rotated = getattr(self.lq, f"rotate_{tensor}")
         buf = self._buf(tensor)
         x = _fold(buf[:, :, a:b])
+        if rotated:
+            x = rotate(x)
         if getattr(self.lq, f"{tensor}_shared"):
             codes, meta = None, meta_of(x, self.lq)
             read = self.lower.run_codes(tensor, a, b)
@@ -139,7 +152,10 @@ class XQuantLayer(DynamicLayer):
             codes, meta = quantize(x, self.lq)
             read = codes
         self._runs(tensor).append(StoredRun(a, b, codes, meta))
-        buf[:, :, a:b] = _unfold(dequantize(read, meta, self.lq, self.dtype), buf.shape[0])
+        mirror = dequantize(read, meta, self.lq, self.dtype)
+        sink = buf[:, :, a : min(b, self.sink_tokens)].clone()
+        buf[:, :, a:b] = _unfold(rotate(mirror) if rotated else mirror, buf.shape[0])
+        buf[:, :, a : a + sink.shape[2]] = sink
 
     def _buf(self, tensor: str) -> torch.Tensor:
         return self.k_buf if tensor == "k" else self.v_buf
@@ -165,11 +181,12 @@ class XQuantLayer(DynamicLayer):
         return codes, cat_meta([r.meta for r in runs])
 
     def dequantized(self, tensor: str) -> torch.Tensor:
-        """``dequantize(codes, meta)`` of everything quantized so far, ``[batch, heads, tokens, D]``."""
+        """``dequantize(codes, meta)`` of everything quantized so far (rotated back), ``[batch, heads, tokens, D]``."""
         codes, meta = self.stored(tensor)
         if codes is None:
             codes, _ = self.lower.stored(tensor)
-        return _unfold(_OPS[tensor][2](codes, meta, self.lq, self.dtype), self.k_buf.shape[0])
+        x = _OPS[tensor][2](codes, meta, self.lq, self.dtype)
+        return _unfold(rotate(x) if getattr(self.lq, f"rotate_{tensor}") else x, self.k_buf.shape[0])
 
     def mirror(self, tensor: str) -> torch.Tensor:
         return self._buf(tensor)[:, :, : self.k_done if tensor == "k" else self.v_done]
@@ -207,10 +224,11 @@ def _unfold(x: torch.Tensor, batch: int) -> torch.Tensor:
 class XQuantCache(Cache):
     """Quantized KV cache for a decoder of ``cfg.num_layers`` full-attention layers (pass as ``past_key_values``)."""
 
-    def __init__(self, cfg: QuantConfig):
+    def __init__(self, cfg: QuantConfig, sink_tokens: int = 0):
         layers: list[XQuantLayer] = []
         for lq in cfg.layers():
-            layers.append(XQuantLayer(lq, cfg, layers[-1] if lq.k_shared or lq.v_shared else None))
+            lower = layers[-1] if lq.k_shared or lq.v_shared else None
+            layers.append(XQuantLayer(lq, cfg, lower, sink_tokens))
         super().__init__(layers=layers)
         self.cfg = cfg
 

@@ -8,6 +8,10 @@ of ``q_len`` new tokens attends to
 * its own chunk at full precision, causally.
 
 Only what the chunk leaves behind is quantized, after attention. A decode step is a chunk of one token.
+
+A layer with ``rotate_k`` / ``rotate_v`` (:mod:`xquant_vllm.quant.rotation`) is rotated *around* this semantics,
+as the backend rotates around the kernels: queries and keys (values) enter rotated, the output of rotated values
+leaves rotated back; :func:`rotated_reference_attention` does that.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 
 from xquant_vllm.config import LayerQuant
 from xquant_vllm.quant.kv import dequantize_layer, quantize_layer
+from xquant_vllm.quant.rotation import rotate
 
 
 def cached_history(
@@ -79,3 +84,23 @@ def reference_attention(
         enable_gqa=True,
     )
     return out.transpose(0, 1).to(query.dtype)
+
+
+def rotated_reference_attention(
+    query: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_len: int,
+    lq: LayerQuant,
+    scale: float,
+    lower: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`reference_attention` of a layer that rotates its keys and/or values (the engine's semantics)."""
+    if lq.rotate_k:
+        query, k = rotate(query), rotate(k)
+    if lq.rotate_v:
+        v = rotate(v)
+    if lower is not None:
+        lower = (rotate(lower[0]) if lq.rotate_k else lower[0], rotate(lower[1]) if lq.rotate_v else lower[1])
+    out = reference_attention(query, k, v, past_len, lq, scale, lower)
+    return rotate(out) if lq.rotate_v else out
