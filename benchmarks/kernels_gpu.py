@@ -602,7 +602,7 @@ def decode_sweep(args, copy_gbs: float) -> list[dict]:
     points = [(tile, warps, None, auto, True) for tile, warps in ((128, 4), (64, 4), (128, 8))]
     points += [(128, 4, None, s, True) for s in sorted({max(1, auto // 2), 2 * auto})]
     points += [(tile, 4, regs, auto, True) for tile in (128, 64) for regs in (168, 128)]
-    points += [(tile, 4, regs, auto, False) for tile in (128, 64) for regs in (None, 168, 128)]
+    points += [(128, 4, 168, auto, False)]
     rows = []
     for name, lq in layers:
         for tile, warps, regs, splits, prefetch in points:
@@ -697,8 +697,8 @@ def profile_one(args) -> None:
     """One launch each of a 2-bit and a 1-bit xquant layer and of the bf16 baseline (run under ``ncu``)."""
     shape, hq = MODELS["llama3-8b"]
     db = DecodeBatch(shape, hq, args.batches[0], args.contexts[-1], 32)
-    cfg = make_config("xquant", num_layers=shape.num_layers, head_size=shape.head_size)
-    for lq in (cfg.layer(0), cfg.layer(shape.num_layers - 2)):  # a 2-bit and a 1-bit layer
+    for bits in ((2, 2), (1, 1)):  # a 2-bit and a 1-bit layer, block 32
+        lq = layer_pair(*bits, head_size=shape.head_size, block=32, v_group=32)[0]
         layout = page_layout(lq, shape.dtype)
         pages = random_pages(layout, db.num_blocks, shape.num_kv_heads, shape.dtype)
         attention.paged_attention_triton(

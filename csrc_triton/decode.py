@@ -42,9 +42,6 @@ MIN_BLOCKS_PER_SPLIT = 8  # below this a split's fixed cost (query, tail, merge)
 PROGRAMS_PER_SM = 8  # the splits aim at this many programs per SM: enough to hide the page loads' latency
 MAX_SPLITS = 64
 TILE_TOKENS = 128  # tokens per loop step (NB pages)
-# 1-bit keys: 64 tokens a step under a 168-register cap (3 programs an SM) measured 4% faster than the default on
-# the H200 (benchmarks/results/kernels_gpu_notes.md); 2-bit layers were fastest with the defaults.
-ONE_BIT_TILE_TOKENS, ONE_BIT_MAX_REGISTERS = 64, 168
 MAX_TILE_ELEMENTS = 128 * 128  # tokens x head size of one step: the unpacked tiles live in registers
 
 
@@ -121,6 +118,7 @@ def _load_step(
     SL: tl.constexpr,
     NV: tl.constexpr,
     K_BITS: tl.constexpr,
+    K_WORD_BITS: tl.constexpr,
     V_BITS: tl.constexpr,
     META_BITS: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -128,7 +126,7 @@ def _load_step(
     """Every load of one step, not yet unpacked (so that the loop issues them a step ahead): key code words
     [D, NB * words per row], key metadata [D, SL], value code words and metadata [NB * B, ...]."""
     K_ROW_BITS: tl.constexpr = B * K_BITS
-    K_WORDS: tl.constexpr = (K_ROW_BITS + 31) // 32
+    K_WORDS: tl.constexpr = K_ROW_BITS // K_WORD_BITS
     col = tl.arange(0, NB * K_WORDS)
     col_page = col // K_WORDS
     col_ok = j0 + col_page < j_hi
@@ -139,7 +137,7 @@ def _load_step(
         + d[:, None] * (K_ROW_BITS // 8),
         (col % K_WORDS)[None, :],
         col_ok[None, :],
-        K_ROW_BITS,
+        K_WORD_BITS,
     )
     slot = tl.arange(0, SL)
     slot_ok = (slot < NB) & (j0 + slot < j_hi)
@@ -215,6 +213,7 @@ def _decode_kernel(
     NB: tl.constexpr,  # pages per loop step (<= SL)
     NV: tl.constexpr,  # value groups per token
     K_BITS: tl.constexpr,
+    K_WORD_BITS: tl.constexpr,  # bits per loaded word of a key code row (key_word_bits)
     V_BITS: tl.constexpr,
     META_BITS: tl.constexpr,
     KEY_CODES_OFF: tl.constexpr,
@@ -265,7 +264,7 @@ def _decode_kernel(
 
     # Unpacked codes come in pair order (dequant.pair_order): key tokens are permuted within a page, so value
     # rows are loaded in that order; value channels within a word, so acc's rows use that order.
-    K_PER_WORD: tl.constexpr = min(32, B * K_BITS) // K_BITS
+    K_PER_WORD: tl.constexpr = K_WORD_BITS // K_BITS
     channels = pair_order(d, 32 // V_BITS)
     N: tl.constexpr = NB * B
     n = tl.arange(0, N)
@@ -285,20 +284,20 @@ def _decode_kernel(
         kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
             table, j_lo, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
             value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-            KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+            KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS, DTYPE,
         )  # fmt: skip
     for j0 in range(j_lo, j_hi, NB):
         if PREFETCH:  # the next step's loads in flight during this step's math (Triton's pipeliner misses them)
             nxt = _load_step(
                 table, j0 + NB, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
                 value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS, DTYPE,
             )  # fmt: skip
         else:  # fewer registers: more programs per SM hide the loads instead
             kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
                 table, j0, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
                 value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS, DTYPE,
             )  # fmt: skip
         k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [D, SL]
         q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
@@ -375,6 +374,14 @@ def _combine_kernel(
     tl.store(out_ptr + q_row.to(tl.int64) * out_stride_token + hq * out_stride_head + d, o.to(out_ptr.dtype.element_ty))
 
 
+def key_word_bits(block: int, k_bits: int) -> int:
+    """Bits per loaded word of a key code row: 32 (or the row), but 16 for 1-bit keys: a 32-code word unpacks
+    into one thread's whole row of the tile, which then reaches shared memory 2 bytes at a time (sm_90 SASS of
+    a 1-bit layer: 1553 instructions a step with 32-bit words, 1308 with 16-bit ones). 1-bit values keep 32-bit
+    words: 16-bit ones made their stores worse (1613)."""
+    return 16 if k_bits == 1 else min(32, block * k_bits)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -418,8 +425,6 @@ def launch_decode(
     GP = triton.next_power_of_2(G)
     R = plan.past_lens.shape[0]
     B = layout.block
-    if layout.k_bits == 1 and tile_tokens is None and max_registers is None and query.device.type == "cuda":
-        tile_tokens, max_registers = ONE_BIT_TILE_TOKENS, ONE_BIT_MAX_REGISTERS
     tokens = min(tile_tokens or TILE_TOKENS, MAX_TILE_ELEMENTS // D)
     NB = max(1, tokens // B)
     M = max(16, NB * GP)
@@ -479,6 +484,7 @@ def launch_decode(
         NB=NB,
         NV=layout.v_groups,
         K_BITS=layout.k_bits,
+        K_WORD_BITS=key_word_bits(B, layout.k_bits),
         V_BITS=layout.v_bits,
         META_BITS=layout.meta_bits,
         KEY_CODES_OFF=offsets[0],
