@@ -1,4 +1,4 @@
-"""Quality of the quantized KV cache on SmolLM2, measured the way serving uses the cache (spec section 8).
+"""Quality of the quantized KV cache on a bundled model, measured the way serving uses the cache (spec section 8).
 
 * Teacher-forced NLL of a continuation after a long context that sits in the quantized cache: the context is
   prefilled in chunks (earlier chunks are read back quantized), then the continuation is scored in chunks of
@@ -10,7 +10,8 @@ Every method runs the reference quantizers through :class:`xquant_vllm.hf_cache.
 equivalent bits and true bits (pages + fp tail at ``--bits-context`` tokens, one running sequence) so the NLL
 can be read against what the cache really costs; the sweeps are drawn with their Pareto front.
 
-    python benchmarks/quality.py              # full run (about 30 min on 2 cores)
+    python benchmarks/quality.py --model smollm2             # full run (about 30 min on 2 idle cores)
+    python benchmarks/quality.py --model qwen2.5-coder-0.5b  # about 4x longer
     python benchmarks/quality.py --quick --out /tmp/q
 """
 
@@ -33,6 +34,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from xquant_vllm.accounting import ModelShape, bits_report
+from xquant_vllm.bundled import model_path
 from xquant_vllm.config import QuantConfig, make_config
 from xquant_vllm.hf_cache import XQuantCache
 
@@ -59,6 +61,7 @@ QUESTION = "What is the secret passphrase mentioned in the text above?"
 PRIMER = "The secret passphrase is"  # the assistant turn starts with it, so the answer is the next word
 HAY = "@@HAYSTACK@@"
 QUICK_METHODS = ("model dtype", "kivi-2", "xquant")
+NEEDLE_LENGTHS = [512, 1024, 2048]
 
 
 @dataclass(frozen=True)
@@ -68,53 +71,42 @@ class Method:
     name: str
     preset: str | None
     overrides: dict[str, Any] = field(default_factory=dict)
-    group: str = "main"  # main | residual | eta | layers
+    group: str = "main"  # main | ablation | sink | eta | layers
     full: bool = True  # all windows + needle; otherwise the sweep windows only
+    sink: int = 0  # harness only: the first tokens of each sequence kept at full precision (no engine support yet)
 
 
 def plan(num_layers: int) -> list[Method]:
-    """The methods of the run: presets and ablations, residual rules, eta sweep, layer/bit sweep (spec section 9)."""
+    """The methods of the run: presets, ablations of the default, attention sinks, eta and layer/bit sweeps."""
     L = num_layers
-    no_share = {"k_share_from": None, "v_share_from": None}
+    half, late = 2 * (L // 4), math.ceil(3 * L / 4)
     rows = [
         Method("model dtype", None),
         Method("kivi-4", "kivi-4"),
         Method("kivi-2", "kivi-2"),
         Method("asymkv-1.5", "asymkv-1.5"),
-        Method("xquant", "xquant"),
+        Method("xquant-paper", "xquant-paper"),
         Method("xquant-1.25", "xquant-1.25"),
+        Method("xquant", "xquant"),
         Method("xquant-max", "xquant-max"),
-        Method("xquant no calibration", "xquant", {"eta_1": 0.0, "eta_2": 0.0}),
-        Method("xquant no cross-layer", "xquant", no_share),
-        Method("kivi-2 reference R=128", "kivi-2", {"residual_rule": "reference", "residual": 128}, "residual"),
-        Method("xquant reference R=128", "xquant", {"residual_rule": "reference", "residual": 128}, "residual"),
+        Method("xquant without rotation", "xquant", {"rotate_keys": False, "rotate_values": False}, "ablation"),
+        Method("xquant values rotated only", "xquant", {"rotate_keys": False}, "ablation", False),
+        Method("xquant without calibration", "xquant", {"eta_1": 0.0, "eta_2": 0.0}, "ablation", False),
+        Method("xquant-max without rotation", "xquant-max", {"rotate_keys": False, "rotate_values": False}, "ablation", False),
+        Method("xquant-paper, rotated", "xquant-paper", {"rotate_keys": True, "rotate_values": True}, "ablation", False),
     ]
-    for eta in (0.0, 0.045, 0.09):
-        rows.append(Method(f"kivi-2 eta_2={eta:g}", "kivi-2", {"eta_2": eta}, "eta", False))
-    all_one = {"k_bits_high": 1, "v_bits_high": 1}
-    for eta in (0.0, 1 / 6, 1 / 3):
-        rows.append(Method(f"all 1-bit eta_1={eta:.3g}", "kivi-2", {**all_one, "eta_1": eta}, "eta", False))
-    # Layer/bit sweep on the calibrated xquant rule (spec section 9): L_k, L_v (keys get at least as many
-    # 2-bit layers as values, per AsymKV) and the sharing start of keys (M_k) and values (M_v).
-    three_q, late, half = 2 * math.ceil(3 * L / 8), math.ceil(3 * L / 4), L // 2
-    for lk, lv, mk, mv in (
-        (L, 0, None, None),
-        (three_q, L - three_q, None, None),
-        (L, 2 * (L // 4), None, None),
-        (2 * (L // 4), 0, None, None),
-        (L, 0, late, late),
-        (L, 0, None, 1),
-        (L, 2 * (L // 4), None, half),
-        (three_q, L - three_q, late, late),
-        (L, L, late, late),
-        (L, L, half, half),
-        (L, 0, late, None),
-        (L, 0, None, late),
-        (L, 2 * (L // 4), late, late),
-        (L, L, None, 1),
-    ):
-        over = {"k_high_layers": lk, "v_high_layers": lv, "k_share_from": mk, "v_share_from": mv}
-        label = f"L_k={lk} L_v={lv} M_k={'-' if mk is None else mk} M_v={'-' if mv is None else mv}"
+    for sink in (1, 16):
+        rows.append(Method(f"xquant + sink {sink}", "xquant", group="sink", full=False, sink=sink))
+        rows.append(Method(f"xquant-max + sink {sink}", "xquant-max", group="sink", full=False, sink=sink))
+    for eta in (0.0, 0.09):
+        rows.append(Method(f"xquant eta_2={eta:g}", "xquant", {"eta_2": eta}, "eta", False))
+    for eta in (0.0, 1 / 3):
+        rows.append(Method(f"xquant-max eta_1={eta:.3g}", "xquant-max", {"eta_1": eta}, "eta", False))
+    # Layer/bit sweep around the default (keys 2 bits, rotated, groups of 64, 8-bit metadata): how many leading
+    # layers keep 2-bit values (L_v), and cross-layer sharing of keys (M_k) or values (M_v).
+    for lv, mk, mv in ((0, None, None), (L, None, None), (half, late, None), (half, None, late), (0, late, None), (0, None, late), (0, None, half)):
+        over = {"v_high_layers": lv, "k_share_from": mk, "v_share_from": mv}
+        label = f"L_v={lv} M_k={'-' if mk is None else mk} M_v={'-' if mv is None else mv}"
         rows.append(Method(label, "xquant", over, "layers", False))
     return rows
 
@@ -209,8 +201,8 @@ def first_chunk_kv(model: PreTrainedModel, ids: torch.Tensor) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def seeded_cache(cfg: QuantConfig | None, kv: KV):
-    cache = DynamicCache() if cfg is None else XQuantCache(cfg)
+def seeded_cache(cfg: QuantConfig | None, kv: KV, sink: int = 0):
+    cache = DynamicCache() if cfg is None else XQuantCache(cfg, sink)
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
     return cache
@@ -229,7 +221,9 @@ def feed(
     return out
 
 
-def window_nll(model: PreTrainedModel, windows: torch.Tensor, kv: KV, cfg: QuantConfig | None, args) -> list[float]:
+def window_nll(
+    model: PreTrainedModel, windows: torch.Tensor, kv: KV, cfg: QuantConfig | None, args, sink: int = 0
+) -> list[float]:
     """Mean NLL of each window's continuation; every prediction reads the context back from the cache.
 
     The context up to its last token is prefilled (first chunk shared); the last context token and the
@@ -237,7 +231,7 @@ def window_nll(model: PreTrainedModel, windows: torch.Tensor, kv: KV, cfg: Quant
     predicted by a forward through the quantized cache.
     """
     ctx, first = args.context, kv[0][0].shape[2]
-    cache = seeded_cache(cfg, kv)
+    cache = seeded_cache(cfg, kv, sink)
     feed(model, windows[:, first : ctx - 1], cache, args.prefill_chunk)
     logits = torch.cat(feed(model, windows[:, ctx - 1 : -1], cache, args.score_chunk, keep=None), 1)
     logp = torch.log_softmax(logits, -1).gather(2, windows[:, ctx:].unsqueeze(-1)).squeeze(-1)
@@ -245,10 +239,12 @@ def window_nll(model: PreTrainedModel, windows: torch.Tensor, kv: KV, cfg: Quant
 
 
 @torch.inference_mode()
-def needle_answers(model: PreTrainedModel, tok, ns: NeedleSet, kv: KV, cfg: QuantConfig | None, args) -> list[str]:
+def needle_answers(
+    model: PreTrainedModel, tok, ns: NeedleSet, kv: KV, cfg: QuantConfig | None, args, sink: int = 0
+) -> list[str]:
     """Greedy answers to one batch of needle prompts: haystack in the cache, then question, then decoding."""
     first = kv[0][0].shape[2]
-    cache = seeded_cache(cfg, kv)
+    cache = seeded_cache(cfg, kv, sink)
     feed(model, ns.prompts[:, first : ns.question_at], cache, args.prefill_chunk)
     logits = feed(model, ns.prompts[:, ns.question_at :], cache, None)[-1][:, -1]
     out = []
@@ -267,18 +263,19 @@ def resolve(method: Method, shape: ModelShape) -> QuantConfig | None:
     )
 
 
-def bits_of(cfg: QuantConfig | None, shape: ModelShape, context: int) -> tuple[float, float]:
+def bits_of(cfg: QuantConfig | None, shape: ModelShape, context: int, sink: int = 0) -> tuple[float, float]:
     """(equivalent, true) bits per element of one sequence of ``context`` tokens.
 
-    Paged rule: pages plus one block-sized tail slot (``accounting``). Reference rule: the fp tokens are
-    ``context mod R`` keys and ``min(context, R)`` values; pages (K and V halves taken equal) hold the rest.
+    Paged rule: pages plus one block-sized tail slot (``accounting``), plus ``sink`` tokens at full precision
+    (kept beside their codes). Reference rule: the fp tokens are ``context mod R`` keys and ``min(context, R)``
+    values; pages (K and V halves taken equal) hold the rest.
     """
     if cfg is None:
         dtype_bits = 8.0 * shape.dtype_bytes
         return dtype_bits, dtype_bits
     report = bits_report(cfg, shape)
     if cfg.residual_rule == "paged":
-        return report.equivalent_bits, report.true_bits(context)
+        return report.equivalent_bits, report.true_bits(context) + 8.0 * shape.dtype_bytes * sink / context
     fp_halves = context % cfg.residual + min(context, cfg.residual)  # fp keys + fp values, in half-tokens
     total = (
         report.bytes_per_token * (context - fp_halves / 2)
@@ -300,13 +297,12 @@ def pareto(points: list[tuple[float, float, str]]) -> list[str]:
 def run(args) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model_dir = args.model_dir or _bundled_model()
+    model_dir = model_path(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     mc = model.config
-    shape = ModelShape(
-        mc.name_or_path or "model", mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, model.dtype
-    )
+    head_size = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads  # as vLLM derives it
+    shape = ModelShape(mc.name_or_path or "model", mc.num_hidden_layers, mc.num_key_value_heads, head_size, model.dtype)
     texts = load_texts(args.text_dir)
     windows, names = make_windows(tok, texts, args.windows, args.context + args.continuation)
     needles = make_needles(tok, texts, args.needle_lengths, args.needle_depths)
@@ -333,22 +329,24 @@ def run(args) -> dict[str, Any]:
     for method in tqdm(methods, desc="methods", unit="method"):
         t0 = time.perf_counter()
         cfg = resolve(method, shape)
-        key = "dtype" if cfg is None else cfg.model_copy(update={"preset": ""}).model_dump_json()
+        key = "dtype" if cfg is None else cfg.model_copy(update={"preset": ""}).model_dump_json() + f"sink={method.sink}"
         n = args.windows if method.full else n_sweep
         have = done.get(key, [])
         for a in range(len(have), n, args.batch):
             b = min(a + args.batch, n)
-            have = have + window_nll(model, windows[a:b], [(k[a:b], v[a:b]) for k, v in window_kv], cfg, args)
+            have = have + window_nll(
+                model, windows[a:b], [(k[a:b], v[a:b]) for k, v in window_kv], cfg, args, method.sink
+            )
         done[key] = have
         nll = have[:n]
         needle = None
-        if method.full:
+        if method.full and needles:
             hits = []
             for ns, kv in zip(needles, needle_kv):
-                answers = needle_answers(model, tok, ns, kv, cfg, args)
+                answers = needle_answers(model, tok, ns, kv, cfg, args, method.sink)
                 hits += [exact_match(ans, word) for ans, word in zip(answers, ns.answers)]
             needle = sum(hits) / len(hits)
-        eq, true = bits_of(cfg, shape, args.bits_context)
+        eq, true = bits_of(cfg, shape, args.bits_context, method.sink)
         mean, mean_sweep = sum(nll) / n, sum(nll[:n_sweep]) / n_sweep
         rows.append(
             {
@@ -356,6 +354,7 @@ def run(args) -> dict[str, Any]:
                 "group": method.group,
                 "preset": method.preset,
                 "overrides": method.overrides,
+                "sink_tokens": method.sink,
                 "config": None if cfg is None else cfg.describe(),
                 "equivalent_bits": round(eq, 4),
                 "true_bits": round(true, 4),
@@ -377,7 +376,7 @@ def summarize(args, model_dir, model, names, needles, n_sweep, first, rows) -> d
     """The JSON document: the setup in words and numbers, the rows, the Pareto front and the best rule."""
     quantized = [(r["true_bits"], r["nll_sweep_windows"], r["method"]) for r in rows if r["preset"] is not None]
     front = pareto(quantized)
-    budget = next((r["true_bits"] for r in rows if r["method"] == "xquant"), None)
+    budget = next((r["true_bits"] for r in rows if r["method"] == "xquant-paper"), None)
     within = [r for r in rows if r["preset"] is not None and budget is not None and r["true_bits"] <= budget + 1e-9]
     best = min(within, key=lambda r: r["nll_sweep_windows"])["method"] if within else None
     return {
@@ -417,15 +416,9 @@ def summarize(args, model_dir, model, names, needles, n_sweep, first, rows) -> d
         },
         "rows": rows,
         "pareto_front": front,
-        "best_at_xquant_true_bits": best,
+        "best_at_xquant_paper_true_bits": best,
         "threads": args.threads,
     }
-
-
-def _bundled_model() -> Path:
-    from xquant_vllm.bundled import ensure_model
-
-    return ensure_model()
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -436,7 +429,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 6.5))
-    colors = {"main": "tab:blue", "residual": "tab:purple", "eta": "tab:orange", "layers": "tab:green"}
+    colors = {"main": "tab:blue", "ablation": "tab:purple", "sink": "tab:red", "eta": "tab:orange", "layers": "tab:green"}
     front = set(result["pareto_front"])
     rows = [r for r in result["rows"] if r["preset"] is not None]
     for r in rows:
@@ -479,12 +472,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument(
-        "--model-dir", type=Path, default=None, help="HF checkpoint folder (default: the bundled SmolLM2-135M-Instruct)"
+        "--model",
+        default="smollm2",
+        help="a bundled model's name (smollm2, qwen2.5-coder-0.5b; built on first use) or a Hugging Face checkpoint folder",
     )
     p.add_argument(
         "--text-dir", type=Path, default=None, help="folder of .txt texts (default: the bundled Paul Graham essays)"
     )
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.json, quality.png and quality.cmd.txt")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for quality-MODEL.json, quality-MODEL.png and quality-MODEL.cmd.txt"
+    )
     p.add_argument(
         "--windows", type=int, default=20, help="scoring windows (one per text) for the main and residual rows"
     )
@@ -500,7 +497,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-chunk", type=int, default=16, help="continuation tokens per forward (1: decode steps)")
     p.add_argument("--batch", type=int, default=20, help="windows run together")
     p.add_argument(
-        "--needle-lengths", type=int, nargs="*", default=[512, 1024, 2048], help="haystack lengths in tokens"
+        "--needle-lengths",
+        type=int,
+        nargs="*",
+        default=NEEDLE_LENGTHS,
+        help="haystack lengths in tokens (none: no needle test)",
     )
     p.add_argument("--needle-depths", type=int, default=5, help="needle depths, evenly spaced from start to end")
     p.add_argument("--answer-tokens", type=int, default=6, help="greedy tokens generated for a needle answer")
@@ -513,8 +514,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.windows, args.sweep_windows, args.context, args.continuation = 2, 2, 256, 32
-        args.prefill_chunk, args.score_chunk, args.needle_lengths, args.needle_depths = 128, 8, [256], 2
-        args.answer_tokens, args.bits_context = 4, 288
+        args.prefill_chunk, args.score_chunk, args.needle_depths = 128, 8, 2
+        if args.needle_lengths == NEEDLE_LENGTHS:  # not given: one short haystack
+            args.needle_lengths = [256]
+        args.answer_tokens = 4
     if args.context < 2:
         p.error("--context must be >= 2 (the last context token is scored through the cache)")
     for name in (
@@ -536,10 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "quality.cmd.txt").write_text(shlex.join(["python", *sys.argv]) + "\n")
-    plot(result, args.out / "quality.png")
-    print(f"wrote {args.out / 'quality.json'}")
+    stem = args.out / f"quality-{Path(args.model).name}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".cmd.txt").write_text(shlex.join(["python", *sys.argv]) + "\n")
+    plot(result, stem.with_suffix(".png"))
+    print(f"wrote {stem.with_suffix('.json')}")
 
 
 if __name__ == "__main__":
