@@ -37,12 +37,13 @@ def sh(*cmd: str, **kw) -> str:
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
 
-def vllm_bundle(shared: Path) -> Path:
-    """The packed vLLM site (built once with FA2 kept; ~2.5 min of xz on 2 cores)."""
-    bundle = STAGE / "vllm" / "build" / "bundle.tar.xz"
+def vllm_bundle(shared: Path, fa2: bool) -> Path:
+    """The packed vLLM site (built once per choice of FA2; ~2.5 min of xz on 2 cores)."""
+    name = "vllm" if fa2 else "vllm-nofa2"
+    bundle = STAGE / name / "build" / "bundle.tar.xz"
     if not bundle.is_file():
-        env = dict(os.environ, KEEP_FA2="1", KEEP_BUILD="1")
-        subprocess.run(["bash", str(shared / "gpu" / "fetch_wheels.sh"), ".gpu-stage/vllm"], cwd=ROOT, env=env, check=True)
+        env = dict(os.environ, KEEP_FA2="1" if fa2 else "0", KEEP_BUILD="1")
+        subprocess.run(["bash", str(shared / "gpu" / "fetch_wheels.sh"), f".gpu-stage/{name}"], cwd=ROOT, env=env, check=True)
     return bundle
 
 
@@ -101,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="the shared/ folder with gpu/fetch_wheels.sh")
     ap.add_argument("--windows", type=int, default=20, help="quality windows to tokenize")
     ap.add_argument("--window-len", type=int, default=1792, help="tokens per window (context + continuation)")
+    ap.add_argument("--without-fa2", action="store_true",
+                    help="drop FlashAttention-2 (~88 MB, one call fewer); vLLM's turboquant_* caches need it")
     args = ap.parse_args(argv)
 
-    streams = [("vllm", vllm_bundle(args.shared).read_bytes()), ("assets", assets_tar(args.windows, args.window_len))]
+    streams = [("vllm", vllm_bundle(args.shared, not args.without_fa2).read_bytes()), ("assets", assets_tar(args.windows, args.window_len))]
     room = LIMIT - tree_bytes() - MARGIN
     out = STAGE / "gpu"
     shutil.rmtree(out, ignore_errors=True)
