@@ -1,6 +1,7 @@
 """Merge the GPU runs' JSON (``benchmarks/results/gpu/``) into one summary, its plots and the README's tables.
 
     python benchmarks/gpu/report.py            # writes benchmarks/results/gpu_e2e.{json,md} and gpu_*.png
+    python benchmarks/gpu/report.py --throughput-only benchmarks/results/gpu_h200   # -> gpu_h200.md
 
 No GPU needed: it reads what ``benchmarks/gpu/run.py`` wrote on the GPU machine (the calls that produced each
 file are in ``benchmarks/results/gpu/commands.txt``).
@@ -73,8 +74,8 @@ def quality(cap: dict[str, Any]) -> dict[str, Any]:
             "chunk": meta["chunk"], "rows": rows}  # fmt: skip
 
 
-def throughput(name: str) -> dict[str, Any]:
-    data = load(name)
+def throughput(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
     rows = {k: r for k, r in data["rows"].items() if r.get("ok")}
     auto, fp8 = rows.get("auto", {}).get("output_tokens_per_s"), rows.get("fp8", {}).get("output_tokens_per_s")
     out = {}
@@ -82,6 +83,7 @@ def throughput(name: str) -> dict[str, Any]:
         r = rows[dtype]
         out[dtype] = {k: r[k] for k in ("output_tokens_per_s", "requests_per_s", "total_tokens_per_s", "batch_mean",
                                         "batch_max", "preemptions", "kv_cache_tokens", "seconds_total")}  # fmt: skip
+        out[dtype]["cudagraph_mode"] = r.get("cudagraph_mode")
         out[dtype]["x_auto"] = r["output_tokens_per_s"] / auto if auto else None
         out[dtype]["x_fp8"] = r["output_tokens_per_s"] / fp8 if fp8 else None
     keys = ("requests", "mix", "prompt_len", "output_len", "kv_cache_memory_bytes", "max_num_seqs", "enforce_eager")
@@ -107,9 +109,9 @@ def summarize() -> dict[str, Any]:
         "capacity_llama3_8b": cap8,
         "capacity_smollm2": cap_s,
         "quality_smollm2": quality(cap_s),
-        "throughput": {"fixed_graphs": throughput("throughput-llama3-8b-fixed-graphs.json"),
-                       "fixed_eager": throughput("throughput-llama3-8b-fixed-eager.json"),
-                       "long_eager": throughput("throughput-llama3-8b-long-eager.json")},  # fmt: skip
+        "throughput": {"fixed_graphs": throughput(RAW / "throughput-llama3-8b-fixed-graphs.json"),
+                       "fixed_eager": throughput(RAW / "throughput-llama3-8b-fixed-eager.json"),
+                       "long_eager": throughput(RAW / "throughput-llama3-8b-long-eager.json")},  # fmt: skip
         "profile_decode": profile(),
         "smoke": {"presets_ok": {k: r["ok"] for k, r in smoke["rows"].items()}, "triton_vs_torch": smoke["agreement"]},
     }
@@ -195,18 +197,38 @@ def tables(s: dict[str, Any]) -> str:
     for d, r in s["quality_smollm2"]["rows"].items():
         lines.append(f"| `{d}` | {r['bits_per_element']:.2f} | {r['x_auto']:.2f}x | {r['nll']:.3f} |")
     for key, run in s["throughput"].items():
-        lines += ["", f"Throughput `{key}`: {run['requests']} requests, {run['mix']}, eager={run['enforce_eager']}", "",
-                  "| kv_cache_dtype | output tok/s | req/s | vs auto | vs fp8 | batch mean / max | preemptions |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-        for d, r in run["rows"].items():
-            xa = f"{r['x_auto']:.2f}x" if r["x_auto"] else "-"
-            xf = f"{r['x_fp8']:.2f}x" if r["x_fp8"] else "-"
-            lines.append(f"| `{d}` | {r['output_tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | {xa} | {xf} | "
-                         f"{r['batch_mean']:.0f} / {r['batch_max']} | {r['preemptions']:.0f} |")  # fmt: skip
+        lines += throughput_table(key, run)
+    return "\n".join(lines) + "\n"
+
+
+def throughput_table(key: str, run: dict[str, Any]) -> list[str]:
+    lines = ["", f"Throughput `{key}`: {run['requests']} requests, {run['mix']}, eager={run['enforce_eager']}", "",
+             "| kv_cache_dtype | output tok/s | req/s | vs auto | vs fp8 | batch mean / max | preemptions | graphs |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for d, r in run["rows"].items():
+        xa = f"{r['x_auto']:.2f}x" if r["x_auto"] else "-"
+        xf = f"{r['x_fp8']:.2f}x" if r["x_fp8"] else "-"
+        mode = (r.get("cudagraph_mode") or "-").removeprefix("CUDAGraphMode.")
+        lines.append(f"| `{d}` | {r['output_tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | {xa} | {xf} | "
+                     f"{r['batch_mean']:.0f} / {r['batch_max']} | {r['preemptions']:.0f} | {mode} |")  # fmt: skip
+    return lines
+
+
+def throughput_only(folder: Path) -> str:
+    """The tables of every throughput JSON in ``folder``: a run with no capacity or quality suites (the H200's)."""
+    lines = []
+    for path in sorted(folder.glob("throughput-*.json")):
+        lines += throughput_table(path.stem, throughput(path))
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--throughput-only"]:  # e.g. --throughput-only benchmarks/results/gpu_h200
+        folder = Path(sys.argv[2])
+        text = throughput_only(folder)
+        (folder.parent / f"{folder.name}.md").write_text(text)
+        print(text)
+        return 0
     s = summarize()
     (RESULTS / "gpu_e2e.json").write_text(json.dumps(s, indent=1) + "\n")
     (RESULTS / "gpu_e2e.md").write_text(tables(s))
