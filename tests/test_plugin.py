@@ -235,7 +235,7 @@ def test_decode_plans_refill_fixed_buffers_from_host_copies_and_runner_slots() -
                                seq_lens_cpu_upper_bound=seq, seq_lens=device_only, block_table_tensor=table,
                                max_query_len=max(q))  # fmt: skip
 
-    planner = StepPlanner(block_size=16, max_rows=8, device=torch.device("cpu"))
+    planner = StepPlanner(block_size=16, max_rows=8, scratch_slot=4, device=torch.device("cpu"))
     planner.device_store = True  # as on CUDA with the Triton kernels
     config, slots = _Config(), TailSlots(4)
     FEED.bind(config, slots)
@@ -250,4 +250,5 @@ def test_decode_plans_refill_fixed_buffers_from_host_copies_and_runner_slots() -
     FEED.report(config, ["d"], set(), None)
     prefill = planner.plan(step([0], [20], table[:1]))  # not a decode: the store's arrays, b's freed slot
     assert not prefill.device_store and prefill.full_block_ids.tolist() == [3] and prefill.tail_slot.tolist() == [1]
-    assert planner.plan(step([0, 0], [1, 1], table[:2])).tail_slot.tolist() == [0, 0]  # a dummy run: no report
+    dummy = planner.plan(step([0, 0], [1, 1], table[:2]))  # a dummy run: no report, rows on the scratch slot
+    assert dummy.tail_slot.tolist() == [4, 4]

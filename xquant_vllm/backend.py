@@ -137,8 +137,9 @@ class StepPlanner:
 
     STAGES = 4  # pinned staging buffers in turn: a copy in flight is never overwritten by the next steps
 
-    def __init__(self, block_size: int, max_rows: int, device: torch.device) -> None:
+    def __init__(self, block_size: int, max_rows: int, scratch_slot: int, device: torch.device) -> None:
         self.block_size = block_size
+        self.scratch_slot = scratch_slot
         self.device = device
         self.device_store = device_store(device)
         self.rows = torch.zeros(2, max_rows, dtype=torch.int32, device=device)  # past_lens, tail_slot
@@ -166,7 +167,7 @@ class StepPlanner:
         stage = self._stages[self._turn]
         self._turn = (self._turn + 1) % self.STAGES
         stage[0, :R] = past
-        stage[1, :R] = 0  # dummy runs (no request ids) and padding rows: slot 0, never read for a real request
+        stage[1, :R] = self.scratch_slot  # dummy runs (no report) and padding rows: a slot no request owns
         if row_slots:
             stage[1, : len(row_slots)] = torch.tensor(row_slots, dtype=torch.int32)
         block_table = cm.block_table_tensor[:R]
@@ -191,15 +192,19 @@ class StepPlanner:
 
 class WorkerState:
     """Per engine and worker, made once at the first builder: each xquant layer's tails, the tail slots, the
-    planner. Everything it allocates exists before vLLM profiles memory or captures graphs."""
+    planner. Everything it allocates exists before vLLM captures graphs; the tails' bytes were taken out of the KV
+    budget (:func:`xquant_vllm.plugin.tail_reserved_bytes`). The last tail slot is the scratch slot of rows that
+    belong to no request (dummy runs)."""
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device) -> None:
         cfg = engine_quant_config(vllm_config)
         sched = vllm_config.scheduler_config
         self.config = weakref.ref(vllm_config)
-        self.slots = TailSlots(num_tail_slots(vllm_config))
-        self.layers = _layer_states(vllm_config, cfg, self.slots.num_slots, device)
-        self.planner = StepPlanner(cfg.block_size, max(sched.max_num_seqs, sched.max_num_batched_tokens), device)
+        num_slots = num_tail_slots(vllm_config)
+        self.slots = TailSlots(num_slots - 1)
+        self.layers = _layer_states(vllm_config, cfg, num_slots, device)
+        rows = max(sched.max_num_seqs, sched.max_num_batched_tokens)
+        self.planner = StepPlanner(cfg.block_size, rows, num_slots - 1, device)
         install_runner_hooks()
         FEED.bind(vllm_config, self.slots)
 
@@ -267,7 +272,7 @@ class XQuantMetadataBuilder(AttentionMetadataBuilder[XQuantMetadata]):
         return self._metadata(common_attn_metadata, capture=False)
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> XQuantMetadata:
-        """The plan of a captured batch fills the same buffers as every replay's (rows on slot 0, no request)."""
+        """The plan of a captured batch fills the same buffers as every replay's (no request: rows on the scratch slot)."""
         return self._metadata(common_attn_metadata, capture=True)
 
     def _metadata(self, cm: CommonAttentionMetadata, capture: bool) -> XQuantMetadata:

@@ -7,7 +7,8 @@ again the step vLLM drops its request. A preempted request restarts from a block
 prefix-cache hit of whole blocks), so it never needs the tail it lost; a new owner of a slot reads only the
 positions it wrote itself (attention reads ``past % B`` tail rows, all written after the request started).
 
-Sizing: one slot per running sequence (``max_num_seqs``) plus :data:`SLOT_MARGIN`.
+Sizing: one slot per running sequence (``max_num_seqs``) plus :data:`SLOT_MARGIN`, one of which is the backend's
+scratch slot (rows of dummy runs, which belong to no request).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def install_runner_hooks() -> None:
     V1 (``gpu_model_runner.GPUModelRunner``, also the CPU runner's base): after ``_update_states`` the persistent
     batch holds this step's rows in order. V2 (``gpu.model_runner.GPUModelRunner``, 0.26's GPU default):
     ``prepare_inputs`` returns the step's ``InputBatch``. Dummy runs (profiling, warm-up, graph capture) pass
-    through neither, so they report no rows: their rows all use slot 0.
+    through neither, so they report no rows: the backend puts them on its scratch slot.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as RunnerV1
 
