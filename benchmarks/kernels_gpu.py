@@ -817,7 +817,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{model}, batch {batch}", fontsize=9)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("speed-up over bf16 paged")
-    axes.flat[0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"decode attention on {result['env']['device']}: speed-up over the bf16 paged kernel", fontsize=10)
