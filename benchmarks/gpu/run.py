@@ -152,12 +152,13 @@ def in_child(fn, *args, **kwargs) -> Any:
     """``fn(*args, **kwargs)`` in a forked process (a fresh CUDA context and allocator); its JSON-able result.
 
     Forked, not spawned: the closures of the suites need no pickling and vLLM stays imported. The driver itself
-    never touches CUDA, or the children could not.
+    never touches CUDA, or the children could not: if something did, the engine runs here, as before, with a warning.
     """
     import torch
 
     if torch.cuda.is_initialized():
-        raise RuntimeError("the driver process initialized CUDA: its forked engine processes could not use it")
+        print("warning: CUDA was initialized in the driver process: this engine runs in it", flush=True)
+        return fn(*args, **kwargs)
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
 
@@ -485,12 +486,19 @@ def metric(llm, name: str) -> float:
 
 
 def device_facts() -> dict[str, Any]:
+    """Versions and the GPU, without initializing CUDA here (the engines' forked processes need it untouched)."""
+    import subprocess
+
     import torch
     import vllm
 
     facts = {"vllm": vllm.__version__, "torch": torch.__version__, "python": sys.version.split()[0]}
-    if torch.cuda.is_available():
-        facts.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(torch.cuda.mem_get_info()[1] / 2**30, 1))
+    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+    try:
+        name, mib = subprocess.run(query, check=True, capture_output=True, text=True).stdout.splitlines()[0].split(", ")
+        facts.update(gpu=name, gpu_memory_gib=round(int(mib) / 1024, 1))
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        pass  # no NVIDIA GPU
     return facts
 
 
@@ -540,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_s:
         DEADLINE[0] = time.perf_counter() + args.budget_s
-    facts = in_child(device_facts)
+    facts = device_facts()  # imports vLLM once, here: every engine's process inherits it
     print(json.dumps(facts), flush=True)
     for suite in args.suite:
         start = time.perf_counter()
