@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 RAW = RESULTS / "gpu"
 ORDER = ("auto", "fp8", "int4_per_token_head", "turboquant_k3v4_nc", "turboquant_3bit_nc", "kivi-4", "kivi-2",
-         "asymkv-1.5", "xquant", "xquant-1.25", "xquant-max")  # fmt: skip
+         "asymkv-1.5", "xquant-paper", "xquant", "xquant-1.25", "xquant-max")  # fmt: skip
 SHAPES = {"llama3-8b": (32, 8, 128), "SmolLM2-135M-Instruct": (30, 3, 64)}  # layers, KV heads, head size
 
 

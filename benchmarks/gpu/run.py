@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-OURS = ("kivi-4", "kivi-2", "asymkv-1.5", "xquant", "xquant-1.25", "xquant-max")
+OURS = ("kivi-4", "kivi-2", "asymkv-1.5", "xquant", "xquant-1.25", "xquant-max", "xquant-paper")
 PEERS = ("auto", "fp8", "turboquant_3bit_nc", "turboquant_k3v4_nc", "int4_per_token_head")
 
 # Model shapes written as config.json and run with dummy weights (no checkpoint needed).
