@@ -684,7 +684,8 @@ def target_table(rows: list[dict], copy_gbs: float) -> tuple[list[str], dict]:
             if goal is not None:
                 verdict[f"{point[0]} {point[1]}x{point[2]} {method} >= {goal}x bf16"] = met
             if method == "xquant" and point[0] == "llama3-8b" and point[2] == 32768:
-                verdict[f"{point[0]} {point[1]}x{point[2]} xquant >= 60% copy bw"] = r["frac_copy_bw"] >= MIN_FRAC_COPY_BW
+                bw_ok = r["frac_copy_bw"] >= MIN_FRAC_COPY_BW
+                verdict[f"{point[0]} {point[1]}x{point[2]} xquant >= 60% copy bw"] = bw_ok
             lines.append(
                 f"{point[0]:9s} {point[1]:5d} {point[2]:6d} {method:24s} {r['ms'] * 1e3:8.1f} {bf16:8.1f} {sdpa:8.1f} "
                 f"{r['speedup_vs_bf16']:6.2f}x {r['speedup_vs_sdpa']:6.2f}x {r['frac_copy_bw']:6.0%} "

@@ -1,4 +1,5 @@
-"""Paged attention that dequantizes pages inside the kernel (decode, prefill and chunked prefill in one kernel).
+"""Paged attention that dequantizes pages inside the kernel: the generic kernel (prefill, chunked prefill, and the
+bf16 baseline) and ``paged_attention_triton``, which sends decode steps to ``decode.py``.
 
 One program handles one request, one KV head, a tile of ``QT`` query tokens and one split of the context.
 Its ``M`` rows are (token, query head) pairs: all ``G`` query heads of the KV head share every loaded page
@@ -13,13 +14,13 @@ loads of step ``i + 1`` (codes, metadata) are issued before the math of step ``i
 hand: Triton's pipeliner does not reach loads whose addresses come from the block table). The unpacked codes
 are in pair order (``dequant.pair_order``): keys permute the tokens of a page, so the value rows are loaded in
 that order; values permute the channels, so ``acc`` and every full-precision value row use that order too. Keys
-are not folded into the query (``q . k = sum_d (q_d s_d) c_dt + sum_d q_d z_d`` per page): a tile that spans
-pages would then need one MMA per page, to save a packed subtraction and multiply-add per two key codes (about
-9% of the step's instructions in the sm_90 SASS). fp16 holds the codes exactly and keeps 3 more mantissa bits than the
-bf16 the reference rounds its dequantized cache to.
+are dequantized here, not folded into the query: with several query tokens per tile the rows are taken, and the
+fold (one scaled query per page) is the decode kernel's. fp16 holds the codes exactly and keeps 3 more mantissa
+bits than the bf16 the reference rounds its dequantized cache to.
 
-``FP_PAGES`` turns the same kernel into the full-precision baseline: pages are then ``[num_blocks, H, B, D]``
-tensors of keys and values in the model dtype (the tail's layout), read by the same loop.
+``FP_PAGES`` turns the same kernel into the full-precision baseline (the benchmark's fair comparison: same loop,
+at the copy bandwidth): pages are then ``[num_blocks, H, B, D]`` tensors of keys and values in the model dtype
+(the tail's layout), read by the same loop.
 """
 
 from __future__ import annotations
@@ -74,11 +75,34 @@ def _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, dv, col_ok, qk_scale, D: tl.c
 
 @triton.jit
 def _load_pages(
-    table, j0, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
-    kc_off, vc_off, km_off, vm_off, sup_off,
-    D: tl.constexpr, B: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, META_BITS: tl.constexpr, DTYPE: tl.constexpr,
-):  # fmt: skip
+    table,  # int32 [max_blocks]: this request's row of the block table
+    j0,  # first block of the step
+    j_hi,  # end of the split's blocks
+    h,  # KV head
+    pos,  # [NB * B] page row of each tile column (pair order)
+    key_codes_ptr,
+    key_codes_stride_block,
+    key_codes_stride_head,
+    value_codes_ptr,
+    value_codes_stride_block,
+    value_codes_stride_head,
+    meta_ptr,
+    meta_stride_block,
+    meta_stride_head,
+    key_codes_off,
+    value_codes_off,
+    key_meta_off,
+    value_meta_off,
+    super_off,
+    D: tl.constexpr,
+    B: tl.constexpr,
+    NB: tl.constexpr,
+    NV: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    META_BITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+):
     """Every load of the ``NB`` pages of the step at block ``j0`` (codes and metadata, keys then values, one flat
     tuple), not yet dequantized. Blocks from ``j_hi`` on are not read: they load zeros, which dequantize to
     zeros (their scores are masked, and ``p = 0`` times a zero value is 0, where times a NaN it would not be)."""
@@ -91,35 +115,101 @@ def _load_pages(
     blk_b = tl.load(table + j0 + b, mask=b_ok, other=0).to(tl.int64)
     blk = tl.load(table + j0 + n, mask=n_ok, other=0).to(tl.int64)
     kw, ka, kb, klo, khi = load_key_page(
-        kc_ptr + blk_c * kc_sb + h * kc_sh, meta_ptr + blk_b * m_sb + h * m_sh, c_ok, b_ok, kc_off, km_off,
-        sup_off, D, B, NB, K_BITS, META_BITS, DTYPE,
-    )  # fmt: skip
+        key_codes_ptr + blk_c * key_codes_stride_block + h * key_codes_stride_head,
+        meta_ptr + blk_b * meta_stride_block + h * meta_stride_head,
+        c_ok,
+        b_ok,
+        key_codes_off,
+        key_meta_off,
+        super_off,
+        D,
+        B,
+        NB,
+        K_BITS,
+        META_BITS,
+        DTYPE,
+    )
     vw, va, vb, vlo, vhi = load_value_rows(
-        vc_ptr + blk * vc_sb + h * vc_sh, meta_ptr + blk * m_sb + h * m_sh, pos, n_ok, vc_off, vm_off, sup_off,
-        D, B, NV, V_BITS, META_BITS, DTYPE,
-    )  # fmt: skip
+        value_codes_ptr + blk * value_codes_stride_block + h * value_codes_stride_head,
+        meta_ptr + blk * meta_stride_block + h * meta_stride_head,
+        pos,
+        n_ok,
+        value_codes_off,
+        value_meta_off,
+        super_off,
+        D,
+        B,
+        NV,
+        V_BITS,
+        META_BITS,
+        DTYPE,
+    )
     return kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, q_sr, q_sh, k_ptr, v_ptr, kv_sr, kv_sh, out_ptr, o_sr, o_sh,
-    part_ptr, ml_ptr, num_splits,
-    kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
-    kc_off, vc_off, km_off, vm_off, sup_off,
-    tail_k_ptr, tail_v_ptr,
-    qsl_ptr, past_ptr, bt_ptr, bt_stride, slot_ptr,
-    qk_scale, k_eta, k_ome, v_eta, v_ome,
-    n_qtiles, blocks_per_split,
-    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, QT: tl.constexpr, M: tl.constexpr,
-    D: tl.constexpr, B: tl.constexpr, NB: tl.constexpr, NV: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, META_BITS: tl.constexpr,
-    FP_PAGES: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-):  # fmt: skip
+    query_ptr,  # [T, HQ, D] model dtype
+    query_stride_token,
+    query_stride_head,
+    key_ptr,  # [T, H, D] this step's keys (the chunk)
+    value_ptr,  # [T, H, D]
+    kv_stride_token,
+    kv_stride_head,
+    out_ptr,  # [T, HQ, D]
+    out_stride_token,
+    out_stride_head,
+    partial_ptr,  # fp32 [T, HQ, S, D] unnormalized split outputs (SPLIT only)
+    partial_ml_ptr,  # fp32 [T, HQ, S, 2] each split's running max and sum (SPLIT only)
+    num_splits,  # S
+    key_codes_ptr,  # uint8 [num_blocks, H, page_bytes] pages holding the key codes (or bf16 keys, FP_PAGES)
+    key_codes_stride_block,
+    key_codes_stride_head,
+    value_codes_ptr,  # uint8 [num_blocks, H, page_bytes] pages holding the value codes (or bf16 values)
+    value_codes_stride_block,
+    value_codes_stride_head,
+    meta_ptr,  # uint8 [num_blocks, H, page_bytes] this layer's pages (metadata)
+    meta_stride_block,
+    meta_stride_head,
+    key_codes_off,  # byte offsets of the page sections (layout.py)
+    value_codes_off,
+    key_meta_off,
+    value_meta_off,
+    super_off,
+    tail_k_ptr,  # [slots, H, B, D] model dtype
+    tail_v_ptr,
+    query_start_loc_ptr,  # int32 [R + 1]
+    past_lens_ptr,  # int32 [R]
+    block_table_ptr,  # int32 [R, max_blocks]
+    block_table_stride,
+    tail_slot_ptr,  # int32 [R]
+    qk_scale,  # softmax scale * log2(e)
+    key_eta,  # calibration (eta, 1 - 2 eta) of keys and values, fp32
+    key_one_minus_2eta,
+    value_eta,
+    value_one_minus_2eta,
+    n_qtiles,  # query tiles per request
+    blocks_per_split,
+    H: tl.constexpr,
+    G: tl.constexpr,  # query heads per KV head
+    GP: tl.constexpr,  # G padded to a power of two
+    QT: tl.constexpr,  # query tokens per tile
+    M: tl.constexpr,  # rows: QT x GP, at least 16
+    D: tl.constexpr,
+    B: tl.constexpr,
+    NB: tl.constexpr,  # pages per loop step
+    NV: tl.constexpr,  # value groups per token
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    META_BITS: tl.constexpr,
+    FP_PAGES: tl.constexpr,  # the bf16 baseline: pages are [num_blocks, H, B, D] keys / values
+    SPLIT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
     r = tl.program_id(0) // n_qtiles
-    q_start = tl.load(qsl_ptr + r)
+    q_start = tl.load(query_start_loc_ptr + r)
     row0 = q_start + (tl.program_id(0) % n_qtiles) * QT
-    q_end = tl.load(qsl_ptr + r + 1)
+    q_end = tl.load(query_start_loc_ptr + r + 1)
     if row0 >= q_end:
         return
     h = tl.program_id(1)
@@ -131,7 +221,8 @@ def _attention_kernel(
     head = h * G + i % GP
     row_ok = (i % GP < G) & (i // GP < QT) & (row < q_end)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + row[:, None] * q_sr + head[:, None] * q_sh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q_at = query_ptr + row[:, None] * query_stride_token + head[:, None] * query_stride_head + d[None, :]
+    q = tl.load(q_at, mask=row_ok[:, None], other=0.0)
     q16 = (q.to(tl.float32) * qk_scale).to(tl.float16)
     # Quantized pages come out of dequant.unpack_words in pair order: the key tile's tokens and the value
     # tile's channels (hence acc's columns) are permuted within each code word; full-precision rows follow.
@@ -143,36 +234,44 @@ def _attention_kernel(
     acc = tl.zeros([M, D], tl.float32)
 
     # Whole blocks of this split, NB pages (N tokens) per step: token n is row n % B of block j0 + n // B.
-    past = tl.load(past_ptr + r)
+    past = tl.load(past_lens_ptr + r)
     n_full = past // B
     N: tl.constexpr = NB * B
     n = tl.arange(0, N)
     pos = n % B if FP_PAGES else pair_order(n % B, K_PER_WORD)  # the page row of tile column n
-    table = bt_ptr + r * bt_stride
+    table = block_table_ptr + r * block_table_stride
     j_lo = split * blocks_per_split
     j_hi = tl.minimum(n_full, j_lo + blocks_per_split)
     if not FP_PAGES:  # software pipeline: each step issues the next step's page loads before its own math
         kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_pages(
-            table, j_lo, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
-            kc_off, vc_off, km_off, vm_off, sup_off, D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+            table, j_lo, j_hi, h, pos,
+            key_codes_ptr, key_codes_stride_block, key_codes_stride_head,
+            value_codes_ptr, value_codes_stride_block, value_codes_stride_head,
+            meta_ptr, meta_stride_block, meta_stride_head,
+            key_codes_off, value_codes_off, key_meta_off, value_meta_off, super_off,
+            D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
         )  # fmt: skip
     for j0 in range(j_lo, j_hi, NB):
         tok_ok = j0 + n // B < j_hi
         ok = row_ok[:, None] & tok_ok[None, :]
         if FP_PAGES:
             blk = tl.load(table + j0 + n // B, mask=tok_ok, other=0).to(tl.int64)
-            k_rows = kc_ptr + blk * kc_sb + h * kc_sh + pos * D
-            v_rows = vc_ptr + blk * vc_sb + h * vc_sh + pos * D
+            k_rows = key_codes_ptr + blk * key_codes_stride_block + h * key_codes_stride_head + pos * D
+            v_rows = value_codes_ptr + blk * value_codes_stride_block + h * value_codes_stride_head + pos * D
             acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_rows, v_rows, dv, ok, qk_scale, D, DOT_F32)
         else:
             nxt = _load_pages(  # in flight during this step's math
-                table, j0 + NB, j_hi, h, pos, kc_ptr, kc_sb, kc_sh, vc_ptr, vc_sb, vc_sh, meta_ptr, m_sb, m_sh,
-                kc_off, vc_off, km_off, vm_off, sup_off, D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
+                table, j0 + NB, j_hi, h, pos,
+                key_codes_ptr, key_codes_stride_block, key_codes_stride_head,
+                value_codes_ptr, value_codes_stride_block, value_codes_stride_head,
+                meta_ptr, meta_stride_block, meta_stride_head,
+                key_codes_off, value_codes_off, key_meta_off, value_meta_off, super_off,
+                D, B, NB, NV, K_BITS, V_BITS, META_BITS, DTYPE,
             )  # fmt: skip
-            k = key_tile(kw, ka, kb, klo, khi, B, K_BITS, k_eta, k_ome, META_BITS)
+            k = key_tile(kw, ka, kb, klo, khi, B, K_BITS, key_eta, key_one_minus_2eta, META_BITS)
             s = tl.where(ok, tl.dot(q16, k), float("-inf"))
             p, alpha, m_i, l_i = _online_update(s, m_i, l_i)
-            v = value_tile(vw, va, vb, vlo, vhi, V_BITS, v_eta, v_ome, META_BITS)
+            v = value_tile(vw, va, vb, vlo, vhi, V_BITS, value_eta, value_one_minus_2eta, META_BITS)
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
             kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = nxt
 
@@ -182,10 +281,10 @@ def _attention_kernel(
     t = tl.arange(0, B)
     if FP_PAGES:
         part_blk = tl.load(table + n_full, mask=n_part > 0, other=0).to(tl.int64)
-        pk = kc_ptr + part_blk * kc_sb + h * kc_sh
-        pv = vc_ptr + part_blk * vc_sb + h * vc_sh
+        pk = key_codes_ptr + part_blk * key_codes_stride_block + h * key_codes_stride_head
+        pv = value_codes_ptr + part_blk * value_codes_stride_block + h * value_codes_stride_head
     else:
-        slot = tl.load(slot_ptr + r).to(tl.int64)
+        slot = tl.load(tail_slot_ptr + r).to(tl.int64)
         pk = tail_k_ptr + (slot * H + h) * B * D
         pv = tail_v_ptr + (slot * H + h) * B * D
     for _ in range(0, n_part, B):
@@ -196,23 +295,31 @@ def _attention_kernel(
     c_hi = tl.where(last, tl.minimum(q_end, row0 + QT) - q_start, 0)
     for c0 in range(0, c_hi, B):
         ok = row_ok[:, None] & (c0 + t[None, :] <= my_chunk_pos[:, None])
-        rows = (q_start + c0 + t).to(tl.int64) * kv_sr + h * kv_sh
-        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, k_ptr + rows, v_ptr + rows, dv, ok, qk_scale, D, DOT_F32)
+        rows = (q_start + c0 + t).to(tl.int64) * kv_stride_token + h * kv_stride_head
+        acc, m_i, l_i = _attend_rows(q, acc, m_i, l_i, key_ptr + rows, value_ptr + rows, dv, ok, qk_scale, D, DOT_F32)
 
     if SPLIT:
         at = (row.to(tl.int64) * (H * G) + head) * num_splits + split
-        tl.store(part_ptr + at[:, None] * D + dv[None, :], acc, mask=row_ok[:, None])
-        tl.store(ml_ptr + at * 2, m_i, mask=row_ok)
-        tl.store(ml_ptr + at * 2 + 1, l_i, mask=row_ok)
+        tl.store(partial_ptr + at[:, None] * D + dv[None, :], acc, mask=row_ok[:, None])
+        tl.store(partial_ml_ptr + at * 2, m_i, mask=row_ok)
+        tl.store(partial_ml_ptr + at * 2 + 1, l_i, mask=row_ok)
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # l = 0 only on padding rows, never stored
-        o_ptr = out_ptr + row[:, None] * o_sr + head[:, None] * o_sh + dv[None, :]
+        o_ptr = out_ptr + row[:, None] * out_stride_token + head[:, None] * out_stride_head + dv[None, :]
         tl.store(o_ptr, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
 def _combine_kernel(
-    part_ptr, ml_ptr, out_ptr, o_sr, o_sh, num_splits, HQ: tl.constexpr, SP: tl.constexpr, D: tl.constexpr
+    partial_ptr,  # fp32 [T, HQ, S, D]
+    partial_ml_ptr,  # fp32 [T, HQ, S, 2]
+    out_ptr,  # [T, HQ, D]
+    out_stride_token,
+    out_stride_head,
+    num_splits,
+    HQ: tl.constexpr,
+    SP: tl.constexpr,  # num_splits padded to a power of two
+    D: tl.constexpr,
 ):
     """Merge the splits' partials of one (row, query head): rescale each by ``2^(m_s - max m)``."""
     row = tl.program_id(0).to(tl.int64)
@@ -220,14 +327,14 @@ def _combine_kernel(
     s = tl.arange(0, SP)
     ok = s < num_splits
     at = (row * HQ + hq) * num_splits + s
-    m = tl.load(ml_ptr + at * 2, mask=ok, other=float("-inf"))
-    lsum = tl.load(ml_ptr + at * 2 + 1, mask=ok, other=0.0)
+    m = tl.load(partial_ml_ptr + at * 2, mask=ok, other=float("-inf"))
+    lsum = tl.load(partial_ml_ptr + at * 2 + 1, mask=ok, other=0.0)
     w = tl.math.exp2(m - tl.max(m, 0))
     w = tl.where(ok & (m > float("-inf")), w, 0.0)
     d = tl.arange(0, D)
-    acc = tl.load(part_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    acc = tl.load(partial_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
     o = tl.sum(acc * w[:, None], 0) / tl.sum(lsum * w, 0)
-    tl.store(out_ptr + row * o_sr + hq * o_sh + d, o.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * out_stride_token + hq * out_stride_head + d, o.to(out_ptr.dtype.element_ty))
 
 
 def _pick_splits(plan: StepPlan, work: int, device: torch.device) -> int:
@@ -255,9 +362,27 @@ def _check_common(query: torch.Tensor, key: torch.Tensor, out: torch.Tensor, blo
 
 
 def _launch(
-    query, key, value, out, plan, scale, block, fp_pages, kc, vc, meta, offsets, tail_k, tail_v, bits, etas, num_splits,
-    tile_tokens, num_warps,
-) -> None:  # fmt: skip
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    plan: StepPlan,
+    scale: float,
+    block: int,
+    fp_pages: bool,
+    kc: torch.Tensor,  # pages holding the key codes (the bf16 key cache with fp_pages)
+    vc: torch.Tensor,  # pages holding the value codes (the bf16 value cache)
+    meta: torch.Tensor,  # this layer's pages
+    offsets: tuple[int, int, int, int, int],  # key codes, value codes, key meta, value meta, super range
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    bits: tuple[int, int, int, int],  # key bits, value bits, metadata bits, value groups
+    etas: tuple[tuple[float, float], tuple[float, float]],
+    num_splits: int | None,
+    tile_tokens: int | None,
+    num_warps: int | None,
+) -> None:
+    """The generic kernel (any query length; the bf16 baseline with ``fp_pages``) and its split merge."""
     T, HQ, D = query.shape
     H = key.shape[1]
     G = HQ // H
@@ -279,18 +404,62 @@ def _launch(
         ml = torch.empty(T, HQ, S, 2, dtype=torch.float32, device=query.device)
     else:
         part = ml = out  # unused
-    (k_eta, k_ome), (v_eta, v_ome) = etas
+    (key_eta, key_one_minus_2eta), (value_eta, value_one_minus_2eta) = etas
     _attention_kernel[(R * n_qtiles, H, S)](
-        query, query.stride(0), query.stride(1), key, value, key.stride(0), key.stride(1),
-        out, out.stride(0), out.stride(1), part, ml, S,
-        kc, kc.stride(0), kc.stride(1), vc, vc.stride(0), vc.stride(1), meta, meta.stride(0), meta.stride(1),
-        *offsets, tail_k, tail_v,
-        plan.query_start_loc, plan.past_lens, plan.block_table, plan.block_table.stride(0), plan.tail_slot,
-        scale * LOG2E, k_eta, k_ome, v_eta, v_ome, n_qtiles, blocks_per_split,
-        H=H, G=G, GP=GP, QT=QT, M=M, D=D, B=block, NB=NB, NV=bits[3], K_BITS=bits[0], V_BITS=bits[1],
-        META_BITS=bits[2], FP_PAGES=fp_pages, SPLIT=S > 1, DOT_F32=query.device.type != "cuda",
+        query,
+        query.stride(0),
+        query.stride(1),
+        key,
+        value,
+        key.stride(0),
+        key.stride(1),
+        out,
+        out.stride(0),
+        out.stride(1),
+        part,
+        ml,
+        S,
+        kc,
+        kc.stride(0),
+        kc.stride(1),
+        vc,
+        vc.stride(0),
+        vc.stride(1),
+        meta,
+        meta.stride(0),
+        meta.stride(1),
+        *offsets,
+        tail_k,
+        tail_v,
+        plan.query_start_loc,
+        plan.past_lens,
+        plan.block_table,
+        plan.block_table.stride(0),
+        plan.tail_slot,
+        scale * LOG2E,
+        key_eta,
+        key_one_minus_2eta,
+        value_eta,
+        value_one_minus_2eta,
+        n_qtiles,
+        blocks_per_split,
+        H=H,
+        G=G,
+        GP=GP,
+        QT=QT,
+        M=M,
+        D=D,
+        B=block,
+        NB=NB,
+        NV=bits[3],
+        K_BITS=bits[0],
+        V_BITS=bits[1],
+        META_BITS=bits[2],
+        FP_PAGES=fp_pages,
+        SPLIT=S > 1,
+        DOT_F32=query.device.type != "cuda",
         num_warps=num_warps or (4 if M <= 16 and D <= 128 and bits[2] == 16 else 8),  # fewer spill at 8 (sm_90 SASS)
-    )  # fmt: skip
+    )
     if S > 1:
         _combine_kernel[(T, HQ)](part, ml, out, out.stride(0), out.stride(1), S, HQ, triton.next_power_of_2(S), D)
 
@@ -332,17 +501,18 @@ def paged_attention_triton(
         raise ValueError(f"layer {lq.index} shares codes: pass lower_pages and lower_layout")
     if pages.stride(-1) != 1 or not (tail_k.is_contiguous() and tail_v.is_contiguous()):
         raise ValueError("pages (last axis), tail_k and tail_v must be contiguous")
-    kc, kc_off = (lower_pages, lower_layout.k_codes_off) if lq.k_shared else (pages, layout.k_codes_off)
-    vc, vc_off = (lower_pages, lower_layout.v_codes_off) if lq.v_shared else (pages, layout.v_codes_off)
+    kc, key_codes_off = (lower_pages, lower_layout.k_codes_off) if lq.k_shared else (pages, layout.k_codes_off)
+    vc, value_codes_off = (lower_pages, lower_layout.v_codes_off) if lq.v_shared else (pages, layout.v_codes_off)
     etas = (calibration(lq.k_eta), calibration(lq.v_eta))
     if plan.max_query_len <= 1 and not generic:
         launch_decode(
-            query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout, (kc_off, vc_off), etas, scale,
+            query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout,
+            (key_codes_off, value_codes_off), etas, scale,
             num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps, max_registers=max_registers,
             prefetch=prefetch,
         )  # fmt: skip
         return
-    offsets = (kc_off, vc_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)
+    offsets = (key_codes_off, value_codes_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)
     bits = (lq.k_bits, lq.v_bits, lq.meta_bits, layout.v_groups)
     _launch(
         query, key, value, out, plan, scale, layout.block, False, kc, vc, pages, offsets, tail_k, tail_v, bits, etas,

@@ -291,13 +291,15 @@ def _decode_kernel(
             nxt = _load_step(
                 table, j0 + NB, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
                 value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS, DTYPE,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS,
+                DTYPE,
             )  # fmt: skip
         else:  # fewer registers: more programs per SM hide the loads instead
             kw, ka, kb, klo, khi, vw, va, vb, vlo, vhi = _load_step(
                 table, j0, j_hi, off_k, off_v, off_m, key_codes_ptr, key_codes_stride_block, value_codes_ptr,
                 value_codes_stride_block, meta_ptr, meta_stride_block, token_row, KEY_CODES_OFF, VALUE_CODES_OFF,
-                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS, DTYPE,
+                KEY_META_OFF, VALUE_META_OFF, SUPER_OFF, D, B, NB, SL, NV, K_BITS, K_WORD_BITS, V_BITS, META_BITS,
+                DTYPE,
             )  # fmt: skip
         k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [D, SL]
         q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
