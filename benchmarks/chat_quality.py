@@ -189,8 +189,8 @@ def markdown(result: dict[str, Any]) -> str:
     for name, m in result["models"].items():
         lines += [f"### {name}", "", "| cache | mean answer NLL | vs auto | exact match | same answer as auto |",
                   "| --- | ---: | ---: | ---: | ---: |"]
-        lines += [f"| {r['preset']} | {r['mean_nll']:.3f} | {r['nll_minus_auto']:+.3f} | "
-                  f"{r['exact_match']}/{r['exact_total']} | {r['same_answer_as_auto']}/{len(PROMPTS)} |" for r in m["rows"]]
+        lines += [f"| {r['preset']} | {r['mean_nll']:.3f} | {r['nll_minus_auto']:+.3f} | {r['exact_match']}/"
+                  f"{r['exact_total']} | {r['same_answer_as_auto']}/{len(PROMPTS)} |" for r in m["rows"]]
         lines += ["", f"Sample answers to \"{PROMPTS[SAMPLE].text}\":", ""]
         lines += [f"- {r['preset']}: {json.dumps(r['sample'], ensure_ascii=False)}" for r in m["rows"]]
         lines.append("")
@@ -216,7 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in args.models:
         if name not in MODELS and not (Path(name) / "config.json").is_file():
-            p.error(f"--models: {name!r} is neither a bundled model ({', '.join(MODELS)}) nor a folder with config.json")
+            p.error(f"--models: {name!r} is neither a bundled model ({', '.join(MODELS)}) nor a folder with a "
+                    "config.json")
     return args
 
 

@@ -128,7 +128,8 @@ def test_installed_package_is_preferred(tmp_path: Path, monkeypatch: pytest.Monk
     assert bundled.assemble_gguf(model, tmp_path, tmp_path, progress=False).read_bytes() == b"GGUF"
 
 
-def test_missing_source_names_the_package(tmp_path: Path, no_installed_packages, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_source_names_the_package(tmp_path: Path, no_installed_packages,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(*args, **kwargs):
         raise RuntimeError("pip download failed")
 
