@@ -8,8 +8,9 @@
   FastAPI's ``{"detail": ...}`` (404, 405) and the authentication middleware's ``{"error": "Unauthorized"}`` too.
 * A full queue is 429 with Retry-After: vLLM 0.32 refuses past ``--max-num-queued-reqs`` with a 503, rewritten
   here; on vLLM 0.26, which has no such limit, this middleware bounds the requests in flight itself.
-* ``xquant_requests_rejected_total{reason}`` counts what it refuses; vLLM counts its own admission rejections
-  (``vllm:admission_rejections_total``) and aborted requests (``vllm:request_success_total{finished_reason="abort"}``).
+* ``xquant_requests_rejected_total{reason}`` counts what it refuses (vLLM 0.32 counts its own admission
+  rejections too, ``vllm:admission_rejections_total``); ``xquant_requests_aborted_total`` counts clients that went
+  away before their answer ended (vLLM aborts those requests, frees their blocks, and counts them nowhere).
 
 Settings come from vLLM's parsed arguments (``app.state.args``), so they hold in every API-server process.
 """
@@ -34,6 +35,7 @@ DEFAULT_MAX_BODY_BYTES = 8 << 20
 RETRY_AFTER_S = 1
 # A \uD800-\uDFFF escape: the only way a JSON body can hold a surrogate; checked further only when present.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+ABORTED = Counter("xquant_requests_aborted", "Requests whose client disconnected before the answer ended")
 REJECTED = Counter(
     "xquant_requests_rejected", "Requests xquant-vllm serve refused: 413 (body_too_large) or 429 (queue_full)",
     ["reason"]
@@ -122,8 +124,23 @@ class XQuantServerEdges:
             return await respond(send, 429, error_body(429, f"The request queue is full ({bound} requests); retry "
                                                        "later."), [(b"retry-after", str(RETRY_AFTER_S).encode())])
         self.in_flight += counted
+        ended = False
+
+        async def send_counted(message: Message) -> None:
+            nonlocal ended
+            ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
+            await send(message)
+
+        async def receive_counted() -> Message:
+            nonlocal ended
+            message = await receive()
+            if message["type"] == "http.disconnect" and not ended:
+                ended = True  # counted once, however often the app asks again
+                ABORTED.inc()
+            return message
+
         try:
-            await self.app(scope, receive, self._errors_in_shape(send))
+            await self.app(scope, receive_counted, self._errors_in_shape(send_counted))
         finally:
             self.in_flight -= counted
 

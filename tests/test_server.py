@@ -257,20 +257,20 @@ def test_full_queue_answers_429_with_retry_after(server: Server) -> None:
     assert server.metric("vllm:admission_rejections_total", reason="max_num_queued_reqs") - vllms == len(refused)
 
 
-def test_disconnect_aborts_and_frees_blocks(server: Server, tokenizer) -> None:
+def test_disconnect_aborts_and_frees_blocks(server: Server) -> None:
     prompt = ", ".join(str(i) for i in range(1, 120)) + ","
-    max_tokens = MAX_MODEL_LEN - len(tokenizer(prompt).input_ids)
+    max_tokens = MAX_MODEL_LEN // 2  # minutes of decoding on this CPU
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}  # vLLM's extension: only the disconnect ends it early
     free_before = server.metric("xquant_kv_blocks_free")
-    aborted = server.metric("vllm:request_success_total", finished_reason="abort")
+    aborted = server.metric("xquant_requests_aborted_total")
     assert server.metric("xquant_kv_blocks_used") == 0
     with httpx.stream("POST", f"{server.url}{C}", json=body, headers=server.auth(), timeout=60) as r:
         assert r.status_code == 200
         assert sum(1 for line, _ in zip(r.iter_lines(), range(10)) if line.startswith("data:")) >= 4
         deadline = time.monotonic() + 20  # the engine sends its scheduler stats every few steps, not each one
         while not server.metric("xquant_kv_blocks_used", during := server.metrics_text()):
-            assert time.monotonic() < deadline, "no blocks in use while a request runs"
+            assert time.monotonic() < deadline, f"no blocks in use while a request runs: {during}"
             time.sleep(0.2)
         used = server.metric("xquant_kv_blocks_used", during)
         assert used + server.metric("xquant_kv_blocks_free", during) == free_before
@@ -280,7 +280,7 @@ def test_disconnect_aborts_and_frees_blocks(server: Server, tokenizer) -> None:
         assert time.monotonic() < deadline, "blocks not freed after the disconnect"
         time.sleep(0.2)
     assert server.metric("xquant_kv_blocks_free") == free_before
-    assert server.metric("vllm:request_success_total", finished_reason="abort") == aborted + 1
+    assert server.metric("xquant_requests_aborted_total") == aborted + 1
 
 
 def test_metrics_have_vllm_and_xquant_series(server: Server) -> None:
