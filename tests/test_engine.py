@@ -165,10 +165,10 @@ def test_engine_attention_equals_reference_with_chunks_prefix_hits_and_preemptio
     """Every attention output of the checked layers equals the reference semantics on the engine's own K/V.
 
     64-token prefill chunks (not block aligned with the prompts), a second wave that hits the prefix cache, and
-    a pool of 18 blocks that forces preemption and recompute.
+    a pool of 576 tokens that forces preemption and recompute.
     """
     recorder = AttentionRecorder(monkeypatch)
-    blocks = 18
+    blocks = 576 // make_config("xquant", num_layers=SMOLLM2.num_layers, head_size=SMOLLM2.head_size).block_size
     with engine(
         smollm2_dir, kv_cache_dtype="xquant", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
         enable_chunked_prefill=True, num_gpu_blocks_override=blocks, disable_log_stats=False,
