@@ -45,9 +45,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Figures the server exports under vLLM's own names (its stat logger), read under our sample names.
+VLLM_NAMES = {"xquant_kv_usage_ratio": "vllm:kv_cache_usage_perc", "xquant_requests_running": "vllm:num_requests_running",
+              "xquant_requests_waiting": "vllm:num_requests_waiting",
+              "xquant_generation_tokens_total": "vllm:generation_tokens_total",
+              "xquant_prompt_tokens_total": "vllm:prompt_tokens_total"}  # fmt: skip
+
+
 def scrape(url: str) -> dict[str, float]:
+    """xquant_* and vllm:* samples of /metrics, summed over label sets; vLLM's names also under ours."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {name: float(value) for name, value in re.findall(r"^(xquant_\w+) (\S+)$", text, re.M)}
+    values: dict[str, float] = {}
+    for name, value in re.findall(r"^((?:xquant_|vllm:)[\w:]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
+        values[name] = values.get(name, 0.0) + float(value)
+    for ours, theirs in VLLM_NAMES.items():
+        if ours not in values and theirs in values:
+            values[ours] = values[theirs]
+    return values
 
 
 def start_server(args: argparse.Namespace, dtype: str, port: int, log: Path) -> subprocess.Popen:
@@ -191,7 +205,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[1][1].set_title("requests running / waiting")
     axes[1][1].set_xlabel("s")
     axes[1][1].legend(fontsize=8)
-    caps = ", ".join(f"{r['kv_cache_dtype']}: {r['kv']['kv_capacity_tokens']:,.0f} tokens"
+    caps = ", ".join(f"{r['kv_cache_dtype']}: {r['kv'].get('kv_capacity_tokens', 0):,.0f} tokens"
                      for r in results if r.get("round", 0) == 0)
     fig.suptitle(f"Load test, same KV memory ({caps})", fontsize=10)
     fig.tight_layout()
