@@ -86,14 +86,25 @@ class RunnerFeed:
         """The tail slots this feed serves (the newest xquant engine's of the process)."""
         return self._slots
 
+    def _ours(self, vllm_config) -> bool:
+        return self._slots is not None and self._config is not None and self._config() is vllm_config
+
+    def drop(self, vllm_config, finished: Iterable[str], preempted: Iterable[str] | None) -> None:
+        """Free the slots of requests vLLM finished, aborted or preempted (whether or not the step runs)."""
+        if self._ours(vllm_config):  # else an engine without an xquant cache
+            self._slots.release(finished)
+            self._slots.release(preempted or ())
+
+    def rows(self, vllm_config, req_ids: Sequence[str]) -> None:
+        """The request ids of this step's batch rows, in order."""
+        if self._ours(vllm_config):
+            self._rows = self._slots.assign(req_ids)
+
     def report(
         self, vllm_config, req_ids: Sequence[str], finished: Iterable[str], preempted: Iterable[str] | None
     ) -> None:
-        if self._slots is None or self._config is None or self._config() is not vllm_config:
-            return  # an engine without an xquant cache
-        self._slots.release(finished)
-        self._slots.release(preempted or ())
-        self._rows = self._slots.assign(req_ids)
+        self.drop(vllm_config, finished, preempted)
+        self.rows(vllm_config, req_ids)
 
     def take(self) -> list[int] | None:
         """The slots of this step's rows, once; None in dummy runs (profiling, warm-up), which no step reported."""
@@ -112,7 +123,7 @@ def install_runner_hooks() -> None:
 
     V1 (``gpu_model_runner.GPUModelRunner``, also the CPU runner's base): after ``_update_states`` the persistent
     batch holds this step's rows in order. V2 (``gpu.model_runner.GPUModelRunner``, 0.26's GPU default):
-    ``prepare_inputs`` returns the step's ``InputBatch``. Dummy runs (profiling, warm-up, graph capture) pass
+    ``finish_requests`` gets the dropped ids, ``prepare_inputs`` returns the step's ``InputBatch``. Dummy runs (profiling, warm-up, graph capture) pass
     through neither, so they report no rows: the backend puts them on its scratch slot.
     """
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as RunnerV1
@@ -134,13 +145,23 @@ def install_runner_hooks() -> None:
     except ImportError:  # builds without the V2 runner (it needs Triton)
         return
 
-    def v2(original: Callable) -> Callable:
+    def v2_drop(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def finish_requests(self, scheduler_output, *args, **kwargs):
+            FEED.drop(self.vllm_config, scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids)
+            return original(self, scheduler_output, *args, **kwargs)
+
+        return finish_requests
+
+    def v2_rows(original: Callable) -> Callable:
         @functools.wraps(original)
         def prepare_inputs(self, scheduler_output, *args, **kwargs):
             batch = original(self, scheduler_output, *args, **kwargs)
-            FEED.report(self.vllm_config, batch.req_ids, scheduler_output.finished_req_ids, scheduler_output.preempted_req_ids)
+            FEED.rows(self.vllm_config, batch.req_ids)
             return batch
 
         return prepare_inputs
 
-    _wrap(RunnerV2, "prepare_inputs", v2)
+    # V2 frees in finish_requests even in steps that run nothing (its warm-up ends with such a step)
+    _wrap(RunnerV2, "finish_requests", v2_drop)
+    _wrap(RunnerV2, "prepare_inputs", v2_rows)
