@@ -134,10 +134,10 @@ def test_xquant_paper_on_smollm2_by_hand() -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "v_high", "by_hand"), [("xquant", 14, (60 + 14 * 2 + 16) / 60), ("xquant-max", 0, 90 / 60)]
+    ("preset", "v_high", "by_hand"), [("xquant", 22, (60 + 22 * 2 + 8) / 60), ("xquant-max", 0, 90 / 60)]
 )
 def test_ours_on_smollm2_by_hand(preset: str, v_high: int, by_hand: float) -> None:
-    # Keys at 2 bits in all 30 layers; values at 2 bits in the leading pair-floored half (14 layers) for xquant,
+    # Keys at 2 bits in all 30 layers; values at 2 bits in the leading pair-floored 3L/4 (22 layers) for xquant,
     # in none for xquant-max; nothing shared. Equivalent bits: (30 * 2 + value bits) / 60.
     cfg = make_config(preset, num_layers=30, head_size=64)
     assert [cfg.bits("k", i) for i in range(30)] == [2] * 30
@@ -159,7 +159,7 @@ def test_asymkv_is_exactly_one_and_a_half_bits_on_an_odd_half() -> None:
 @pytest.mark.parametrize(
     ("preset", "overrides", "by_hand"),
     [
-        ("xquant", {}, 1.75),  # keys 32 * 2 + values (16 * 2 + 16 * 1), over 64
+        ("xquant", {}, 1.875),  # keys 32 * 2 + values (24 * 2 + 8 * 1), over 64
         ("xquant-max", {}, 1.5),  # keys 32 * 2 + values 32 * 1, over 64
         ("xquant-paper", {}, 1.375),  # (16 * 2 + 16 * 1 - 4 * 1) / 32: sharing from 24, odd layers 25..31 keep no codes
         ("xquant-1.25", {}, 1.25),  # (16 * 2 + 16 * 1 - 8 * 1) / 32: sharing from 16, odd layers 17..31

@@ -29,10 +29,10 @@ PAGES_BY_HAND = [
     ("xquant-paper", {}, 25, 64, 2 * 64 * 2 + 2 * 32 * 2 * 2),  # K and V shared: metadata only
     ("xquant-paper", {}, 25, 128, 2 * 128 * 2 + 2 * 32 * 4 * 2),
     # ours: B = 64, G_v = 64, uint8 min/max, 16-byte fp32 super range, keys 2-bit; the rotation changes no byte
-    ("xquant", {}, 0, 64, 16 + 64 * 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # 2-bit values (layers < 16)
+    ("xquant", {}, 0, 64, 16 + 64 * 16 + 64 * 16 + 2 * 64 + 2 * 64 * 1),  # 2-bit values (layers < 24)
     ("xquant", {}, 0, 128, 16 + 128 * 16 + 64 * 32 + 2 * 128 + 2 * 64 * 2),
-    ("xquant", {}, 20, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit values
-    ("xquant", {}, 20, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
+    ("xquant", {}, 26, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit values
+    ("xquant", {}, 26, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
     ("xquant-max", {}, 0, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # 1-bit values everywhere
     ("xquant-max", {}, 0, 128, 16 + 128 * 16 + 64 * 16 + 2 * 128 + 2 * 64 * 2),
     ("xquant-max", {}, 25, 64, 16 + 64 * 16 + 64 * 8 + 2 * 64 + 2 * 64 * 1),  # nothing shared

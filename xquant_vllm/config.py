@@ -205,8 +205,8 @@ def preset_fields(name: str, num_layers: int) -> dict[str, Any]:
         # The paper's layout (spec section 7): half the layers at 1 bit, odd layers from 3L/4 share codes.
         "xquant-paper": dict(low_bits_xquant, k_share_from=math.ceil(3 * L / 4), v_share_from=math.ceil(3 * L / 4)),
         "xquant-1.25": dict(low_bits_xquant, k_share_from=math.ceil(L / 2), v_share_from=math.ceil(L / 2)),
-        # The default: values keep 2 bits in the leading half of the layers.
-        "xquant": dict(ours, v_high_layers=half),
+        # The default: values keep 2 bits in the leading three quarters of the layers.
+        "xquant": dict(ours, v_high_layers=_pair_floor(3 * L / 4)),
         # Capacity: values at 1 bit everywhere.
         "xquant-max": dict(ours, v_high_layers=0),
     }
