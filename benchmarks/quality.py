@@ -89,11 +89,12 @@ def plan(num_layers: int) -> list[Method]:
         Method("xquant-1.25", "xquant-1.25"),
         Method("xquant", "xquant"),
         Method("xquant-max", "xquant-max"),
-        Method("xquant without rotation", "xquant", {"rotate_keys": False, "rotate_values": False}, "ablation"),
-        Method("xquant values rotated only", "xquant", {"rotate_keys": False}, "ablation", False),
+        Method("xquant, values rotated", "xquant", {"rotate_values": True}, "ablation"),
+        Method("xquant, keys and values rotated", "xquant", {"rotate_keys": True, "rotate_values": True}, "ablation", False),
         Method("xquant without calibration", "xquant", {"eta_1": 0.0, "eta_2": 0.0}, "ablation", False),
-        Method("xquant-max without rotation", "xquant-max", {"rotate_keys": False, "rotate_values": False}, "ablation", False),
-        Method("xquant-paper, rotated", "xquant-paper", {"rotate_keys": True, "rotate_values": True}, "ablation", False),
+        Method("xquant, 16-bit meta in groups of 32", "xquant", {"meta_bits": 16, "k_group": 32, "v_group": 32}, "ablation", False),
+        Method("xquant-max, values rotated", "xquant-max", {"rotate_values": True}, "ablation", False),
+        Method("xquant-paper, values rotated", "xquant-paper", {"rotate_values": True}, "ablation", False),
     ]
     for sink in (1, 16):
         rows.append(Method(f"xquant + sink {sink}", "xquant", group="sink", full=False, sink=sink))
@@ -102,7 +103,7 @@ def plan(num_layers: int) -> list[Method]:
         rows.append(Method(f"xquant eta_2={eta:g}", "xquant", {"eta_2": eta}, "eta", False))
     for eta in (0.0, 1 / 3):
         rows.append(Method(f"xquant-max eta_1={eta:.3g}", "xquant-max", {"eta_1": eta}, "eta", False))
-    # Layer/bit sweep around the default (keys 2 bits, rotated, groups of 64, 8-bit metadata): how many leading
+    # Layer/bit sweep around the default (keys 2 bits, groups of 64, 8-bit metadata): how many leading
     # layers keep 2-bit values (L_v), and cross-layer sharing of keys (M_k) or values (M_v).
     for lv, mk, mv in ((0, None, None), (L, None, None), (half, late, None), (half, None, late), (0, late, None), (0, None, late), (0, None, half)):
         over = {"v_high_layers": lv, "k_share_from": mk, "v_share_from": mv}

@@ -51,7 +51,7 @@ def test_rotation_needs_a_power_of_two_head_size(field: str) -> None:
     # v_group 32 divides 96, so the rotation is the only thing wrong with this config
     msg = refused({field: True, "v_group": 32}, head_size=96, preset="kivi-2")
     assert "rotate_keys/rotate_values" in msg and "96" in msg
-    assert "rotate_keys/rotate_values" in refused({"v_group": 32}, head_size=96)  # xquant rotates its values
+    assert "rotate_keys/rotate_values" in refused({"v_group": 32, "rotate_values": True}, head_size=96)
     assert not make_config("kivi-2", num_layers=32, head_size=96, overrides={"v_group": 32}).rotate_keys
     with pytest.raises(ValidationError, match="rotate_keys/rotate_values"):
         QuantConfig(
@@ -99,7 +99,7 @@ def test_overrides_apply() -> None:
     assert (cfg.eta_1, cfg.k_group, cfg.block_size, cfg.v_share_from) == (0.2, 64, 64, None)
     assert cfg.layer(31).k_eta == 0.2 and cfg.layer(31).k_shared and not cfg.layer(31).v_shared
     assert parse_overrides("") == {} and parse_overrides(None) == {}
-    keys = make_config("xquant", num_layers=32, head_size=128, overrides=parse_overrides('{"rotate_keys": true}'))
+    keys = make_config("xquant", num_layers=32, head_size=128, overrides=parse_overrides('{"rotate_keys": true, "rotate_values": true}'))
     assert keys.layer(0).rotate_k and keys.layer(0).rotate_v and keys.describe().endswith(" rotated=keys+values")
 
 
@@ -188,14 +188,14 @@ def test_reproduction_presets_match_the_reference_setup() -> None:
 
 @pytest.mark.parametrize("preset", ["xquant", "xquant-max"])
 def test_our_presets_groups_meta_rotation_and_etas(preset: str) -> None:
-    """Groups of 64, 8-bit min/max, values rotated (keys not), no sharing; the XQuant etas (1/6 and 0.045)."""
+    """Groups of 64, 8-bit min/max, nothing rotated, no sharing; the XQuant etas (1/6 and 0.045)."""
     cfg = make_config(preset, num_layers=32, head_size=128)
     assert (cfg.k_group, cfg.v_group, cfg.meta_bits, cfg.block_size) == (64, 64, 8, 64)
     assert (cfg.eta_1, cfg.eta_2, cfg.eta_4) == (1 / 6, 0.045, 0.0)
     assert (cfg.k_share_from, cfg.v_share_from) == (None, None)
-    assert all(lq.rotate_v and not lq.rotate_k for lq in cfg.layers())
+    assert not any(lq.rotate_v or lq.rotate_k for lq in cfg.layers())
     assert (cfg.layer(31).k_eta, cfg.layer(31).v_eta) == (0.045, 1 / 6)  # 2-bit keys, 1-bit values
-    assert cfg.describe().endswith(" rotated=values")
+    assert cfg.describe().endswith(" rotated=none")
 
 
 def test_too_few_layers_to_share() -> None:

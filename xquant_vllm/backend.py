@@ -49,6 +49,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from xquant_vllm.config import PRESETS, SUPPORTED_HEAD_SIZES, LayerQuant, QuantConfig
 from xquant_vllm.kernels import KERNELS_ENV, StepPlan, build_step_plan, paged_attention, store_kv
 from xquant_vllm.layout import PageLayout, page_layout
+from xquant_vllm.quant.rotation import rotate
 from xquant_vllm.plugin import BACKEND_NAME, XQuantConfigError, engine_quant_config, num_tail_slots
 from xquant_vllm.tail import FEED, TailSlots, install_runner_hooks
 from xquant_vllm.vllm_compat import attention_backend_name
@@ -343,12 +344,21 @@ class XQuantImpl(AttentionImpl[XQuantMetadata]):
                     f"{name} reads the pages of {state.lower}, but the two layers are in different KV-cache groups"
                 )
             lower_pages = _pages(context.no_compile_layers[state.lower].kv_cache)
-        q, k, v = query[:n], key[:n], value[:n]
+        q, k, v, out = query[:n], key[:n], value[:n], output[:n]
+        # A rotated layer stores the codes of rotate(k) / rotate(v): attention runs in the rotated space, which
+        # leaves the scores unchanged, and its output is rotated back (the rotation is its own inverse).
+        if state.lq.rotate_k:
+            q, k = rotate(q), rotate(k)
+        if state.lq.rotate_v:
+            v = rotate(v)
         paged_attention(
-            q, k, v, pages, state.tail_k, state.tail_v, plan, state.lq, state.layout, self.scale, output[:n],
+            q, k, v, pages, state.tail_k, state.tail_v, plan, state.lq, state.layout, self.scale, out,
             lower_pages, state.lower_layout,
         )  # fmt: skip
         store_kv(k, v, pages, state.tail_k, state.tail_v, plan, state.lq, state.layout)
+        if state.lq.rotate_v:
+            heads = out.view(n, -1, self.head_size)
+            heads.copy_(rotate(heads))
         return output
 
 

@@ -188,14 +188,14 @@ def preset_fields(name: str, num_layers: int) -> dict[str, Any]:
     half = _pair_floor(L / 2)
     low_bits_xquant = dict(k_bits_high=2, k_bits_low=1, v_bits_high=2, v_bits_low=1, k_high_layers=half, v_high_layers=half)
     no_eta = dict(eta_1=0.0, eta_2=0.0, eta_4=0.0)
-    # Ours, chosen on SmolLM2 and Qwen2.5-0.5B (benchmarks/results/quality-*.json): keys need 2 bits everywhere;
-    # 8-bit min/max over groups of 64 nearly halves the metadata of 16-bit groups of 32 at almost no cost; a
-    # Hadamard rotation of the values spreads their outlier channels (rotating keys helps SmolLM2 a little and
-    # ruins Qwen2.5, whose per-channel key groups hold its large key biases); cross-layer sharing costs more than
-    # the bits it saves on small models, so none.
+    # Ours, chosen on SmolLM2 and Qwen2.5-0.5B (benchmarks/results/quality-sweep/): keys need 2 bits everywhere;
+    # 8-bit min/max over groups of 64 nearly halves the metadata of 16-bit groups of 32 at almost no cost;
+    # cross-layer sharing costs more than the bits it saves on small models, so none. A Hadamard rotation
+    # (rotate_keys / rotate_values) is opt-in: values rotated help SmolLM2 by 0.03 nats and cost Qwen2.5 0.01-0.05;
+    # rotated keys cost Qwen2.5 0.7 nats.
     ours = dict(
         k_bits_high=2, k_high_layers=L, v_bits_high=2, v_bits_low=1,
-        k_group=64, v_group=64, meta_bits=8, rotate_values=True,
+        k_group=64, v_group=64, meta_bits=8,
     )  # fmt: skip
     table: dict[str, dict[str, Any]] = {
         "kivi-4": dict(k_bits_high=4, v_bits_high=4, k_high_layers=L, v_high_layers=L, **no_eta),
