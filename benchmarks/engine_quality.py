@@ -35,7 +35,7 @@ import quality  # noqa: E402  (the reference harness: windows, cache seeding, ch
 
 RESULTS = quality.RESULTS
 # row name (as in quality.json) -> vLLM kv_cache_dtype; "model dtype" is vLLM's own bf16 cache
-METHODS = {"model dtype": "auto", "kivi-2": "kivi-2", "asymkv-1.5": "asymkv-1.5", "xquant": "xquant",
+METHODS = {"model dtype": "auto", "kivi-2": "kivi-2", "asymkv-1.5": "asymkv-1.5", "xquant": "xquant", "xquant-paper": "xquant-paper",
            "xquant-max": "xquant-max"}  # fmt: skip
 
 

@@ -168,9 +168,9 @@ def test_engine_attention_equals_reference_with_chunks_prefix_hits_and_preemptio
     a pool of 576 tokens that forces preemption and recompute.
     """
     recorder = AttentionRecorder(monkeypatch)
-    blocks = 576 // make_config("xquant", num_layers=SMOLLM2.num_layers, head_size=SMOLLM2.head_size).block_size
+    blocks = 576 // make_config("xquant-paper", num_layers=SMOLLM2.num_layers, head_size=SMOLLM2.head_size).block_size
     with engine(
-        smollm2_dir, kv_cache_dtype="xquant", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
+        smollm2_dir, kv_cache_dtype="xquant-paper", max_model_len=512, max_num_seqs=4, max_num_batched_tokens=64,
         enable_chunked_prefill=True, num_gpu_blocks_override=blocks, disable_log_stats=False,
     ) as llm:  # fmt: skip
         slots, held = FEED.slots, []
@@ -195,7 +195,7 @@ def test_engine_attention_equals_reference_with_chunks_prefix_hits_and_preemptio
 @pytest.fixture(scope="module")
 def xquant_llm(smollm2_dir: Path) -> Iterator[LLM]:
     """Chunks of 64 tokens: a cache hit of 256 tokens replays the same chunk boundaries as the first pass."""
-    with engine(smollm2_dir, kv_cache_dtype="xquant", max_num_seqs=8, max_num_batched_tokens=64) as llm:
+    with engine(smollm2_dir, kv_cache_dtype="xquant-paper", max_num_seqs=8, max_num_batched_tokens=64) as llm:
         yield llm
 
 
@@ -316,7 +316,7 @@ def test_engine_logprobs_follow_the_reference_quantized_cache(xquant_llm: LLM, s
     )
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     engine_lp = torch.tensor([[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs])
-    to_reference = (engine_lp - teacher_forced_logprobs(smollm2_dir, "xquant", prompts, tokens)).abs().mean()
+    to_reference = (engine_lp - teacher_forced_logprobs(smollm2_dir, "xquant-paper", prompts, tokens)).abs().mean()
     to_unquantized = (engine_lp - teacher_forced_logprobs(smollm2_dir, None, prompts, tokens)).abs().mean()
     assert to_reference < 0.6 and to_reference < 0.5 * to_unquantized, (to_reference, to_unquantized)
 
