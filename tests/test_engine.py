@@ -167,6 +167,7 @@ def test_engine_attention_equals_reference_with_chunks_prefix_hits_and_preemptio
     64-token prefill chunks (not block aligned with the prompts), a second wave that hits the prefix cache, and
     a pool of 576 tokens that forces preemption and recompute.
     """
+    monkeypatch.setenv("XQUANT_KERNELS", "torch")  # the semantics; the C++ path is checked against it in test_cpu_attention
     recorder = AttentionRecorder(monkeypatch)
     blocks = 576 // make_config("xquant-paper", num_layers=SMOLLM2.num_layers, head_size=SMOLLM2.head_size).block_size
     with engine(
