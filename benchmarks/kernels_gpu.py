@@ -162,6 +162,15 @@ def run_checks() -> list[dict]:
     err = rel_err(out, case.expected_attention())
     results.append(dict(kernel="paged_attention (decode, no prefetch)", case=name, rel_err=err,
                         ok=bool(err < TOL[case.dtype])))  # fmt: skip
+    for name, case, (splits, tile) in attention_cases():
+        if max(case.q_lens) <= 1:
+            out = on_device(case, DEV).poisoned_out()
+            attention.paged_attention_triton(
+                *on_device(case, DEV).attention_args(out), num_splits=splits, tile_tokens=tile, key_code_bias=True
+            )
+            err = rel_err(out, case.expected_attention())
+            results.append(dict(kernel="paged_attention (decode, key code bias)", case=name, rel_err=err,
+                                ok=bool(err < TOL[case.dtype])))  # fmt: skip
     results.append(check_graph_replay())
     # the public dispatcher picks Triton on CUDA
     name, case, _ = attention_cases()[0]
@@ -405,6 +414,7 @@ def time_quant_kind(
     generic: bool = False,
     regs: int | None = None,
     prefetch: bool = True,
+    key_code_bias: bool = False,
 ) -> tuple[float, int]:
     H, dt = db.shape.num_kv_heads, db.shape.dtype
     layout = page_layout(lq, dt)
@@ -432,7 +442,7 @@ def time_quant_kind(
     ms = bench(
         lambda: attention.paged_attention_triton(
             *args, num_splits=splits, tile_tokens=tile, num_warps=warps, generic=generic, max_registers=regs,
-            **({} if prefetch else {"prefetch": False}),
+            **({} if prefetch else {"prefetch": False}), **({"key_code_bias": True} if key_code_bias else {}),
         ),
         rep_ms,
     )
@@ -591,31 +601,32 @@ def time_targets(args, copy_gbs: float) -> list[dict]:
 
 
 def decode_sweep(args, copy_gbs: float) -> list[dict]:
-    """The decode kernel's launch knobs (tokens per step x warps x splits x register cap) for a 1- and a 2-bit
-    layer (block 32, 16-bit metadata) at Llama-3-8B, 32 x 32k (what the defaults should be)."""
+    """The decode kernel's launch knobs (tokens per step x warps x splits x register cap x where the key codes'
+    fp16 bias goes) for the ``xquant`` preset's two layer kinds (keys 2-bit, values 2- or 1-bit, block 64, 8-bit
+    metadata) at Llama-3-8B, 32 x 32k (what the defaults should be)."""
     shape, hq = MODELS["llama3-8b"]
     batch, ctx = (32, 32768) if DEV == "cuda" else (2, 256)
-    db = DecodeBatch(shape, hq, batch, ctx, 32)
-    layers = (("1-bit", layer_pair(1, 1, head_size=128, block=32, v_group=32)[0]),
-              ("2-bit", layer_pair(2, 2, head_size=128, block=32, v_group=32)[0]))  # fmt: skip
+    db = DecodeBatch(shape, hq, batch, ctx, 64)
+    layers = (("k2v1", layer_pair(2, 1, head_size=128, block=64, v_group=64, meta_bits=8)[0]),
+              ("k2v2", layer_pair(2, 2, head_size=128, block=64, v_group=64, meta_bits=8)[0]))  # fmt: skip
     auto = decode_mod.decode_splits(batch, shape.num_kv_heads, db.plan.block_table.shape[1], torch.device(DEV))
-    points = [(tile, warps, None, auto, True) for tile, warps in ((128, 4), (64, 4), (128, 8))]
-    points += [(128, 4, None, s, True) for s in sorted({max(1, auto // 2), 2 * auto})]
-    points += [(tile, 4, regs, auto, True) for tile in (128, 64) for regs in (168, 128)]
-    points += [(128, 4, 168, auto, False)]
+    points = [(128, 4, None, auto, True, bias) for bias in (False, True)]
+    points += [(64, 4, None, auto, True, True), (128, 4, None, 2 * auto, True, True), (64, 4, 128, auto, True, True)]
     rows = []
     for name, lq in layers:
-        for tile, warps, regs, splits, prefetch in points:
+        for tile, warps, regs, splits, prefetch, bias in points:
             ms, read = time_quant_kind(
-                db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps, regs=regs, prefetch=prefetch
-            )
+                db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps, regs=regs, prefetch=prefetch,
+                key_code_bias=bias,
+            )  # fmt: skip
             gbs = read / ms / 1e6
             rows.append(
                 dict(layer=name, tile_tokens=tile, num_warps=warps, max_registers=regs, splits=splits,
-                     prefetch=prefetch, auto_splits=auto, ms=ms, gbs=gbs, frac_copy_bw=gbs / copy_gbs)
+                     prefetch=prefetch, key_code_bias=bias, auto_splits=auto, ms=ms, gbs=gbs,
+                     frac_copy_bw=gbs / copy_gbs)
             )  # fmt: skip
-            log(f"sweep {name} tile={tile} warps={warps} regs={regs} splits={splits} prefetch={prefetch}: "
-                f"{ms * 1e3:.1f} us {gbs:.0f} GB/s")
+            log(f"sweep {name} tile={tile} warps={warps} regs={regs} splits={splits} prefetch={prefetch} "
+                f"key_code_bias={bias}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
     return rows
 
 
@@ -916,11 +927,11 @@ def main() -> None:
     if args.targets and isinstance(result.get("decode"), list):
         sweep = result.get("decode_sweep")
         if isinstance(sweep, list) and sweep:
-            for layer in ("1-bit", "2-bit"):
+            for layer in sorted({r["layer"] for r in sweep}):
                 best = min((r for r in sweep if r["layer"] == layer), key=lambda r: r["ms"])
                 log(f"sweep best {layer}: tile={best['tile_tokens']} warps={best['num_warps']} "
                     f"regs={best['max_registers']} splits={best['splits']} (auto {best['auto_splits']}) "
-                    f"prefetch={best['prefetch']}: "
+                    f"prefetch={best['prefetch']} key_code_bias={best.get('key_code_bias')}: "
                     f"{best['ms'] * 1e3:.1f} us")  # fmt: skip
         for line in lines:
             print(line)

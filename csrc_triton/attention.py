@@ -485,6 +485,7 @@ def paged_attention_triton(
     generic: bool = False,
     max_registers: int | None = None,
     prefetch: bool = True,
+    key_code_bias: bool = False,
 ) -> None:
     """Attention of this step's rows over the quantized pages, the tail and the chunk; writes all of ``out``.
 
@@ -492,9 +493,9 @@ def paged_attention_triton(
     shared tensor from ``lower_pages`` at ``lower_layout``'s offsets. A decode step (``plan.max_query_len <= 1``)
     runs the decode kernel (``decode.py``: key scales folded into the query, a launch CUDA graphs can capture),
     any other step this module's kernel; ``generic=True`` forces the latter (tests, benchmark comparisons).
-    ``num_splits``, ``tile_tokens``, ``num_warps`` and (decode) ``max_registers``, ``prefetch`` override the
-    context split, the tokens per loop step, the warps per program, the register cap and the loads issued a step
-    ahead (benchmark sweeps).
+    ``num_splits``, ``tile_tokens``, ``num_warps`` and (decode) ``max_registers``, ``prefetch``,
+    ``key_code_bias`` override the context split, the tokens per loop step, the warps per program, the register
+    cap, the loads issued a step ahead and where the key codes' fp16 bias is removed (benchmark sweeps).
     """
     _check_common(query, key, out, layout.block, plan)
     if (lq.k_shared or lq.v_shared) and (lower_pages is None or lower_layout is None):
@@ -509,7 +510,7 @@ def paged_attention_triton(
             query, key, value, out, kc, vc, pages, tail_k, tail_v, plan, layout,
             (key_codes_off, value_codes_off), etas, scale,
             num_splits=num_splits, tile_tokens=tile_tokens, num_warps=num_warps, max_registers=max_registers,
-            prefetch=prefetch,
+            prefetch=prefetch, key_code_bias=key_code_bias,
         )  # fmt: skip
         return
     offsets = (key_codes_off, value_codes_off, layout.k_meta_off, layout.v_meta_off, layout.super_off)

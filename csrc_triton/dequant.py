@@ -41,7 +41,7 @@ def calibration(eta: float) -> tuple[float, float]:
 
 
 @triton.jit
-def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
+def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr, KEEP_BIAS: tl.constexpr = False):
     """fp16 codes ``[R, W * PER_WORD]`` of packed words ``[R, W]`` (uint32; ``PER_WORD`` codes each, LSB first),
     in *pair order*: position ``p`` of a word holds code :func:`pair_order` ``(p)``.
 
@@ -51,6 +51,8 @@ def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
     subtraction leaves the codes. The shifts fan out with ``tl.join`` so each thread keeps its whole word (no
     shared-memory shuffle). Callers follow the pair order instead of restoring the natural one (free for keys:
     the value rows are loaded in the same token order; for values the output channels are stored permuted).
+    ``KEEP_BIAS``: skip the subtraction and return ``1024 + c`` (exact in fp16), for a caller that removes the
+    bias after a linear map (the decode kernel's key scores: ``-1024 * sum_d q_d`` per row).
     """
     HALF: tl.constexpr = PER_WORD // 2
     x = words
@@ -65,14 +67,15 @@ def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
     if HALF >= 2:
         x = tl.join(x, x >> BITS)
     y = (x & (((1 << BITS) - 1) * 0x10001)) | 0x64006400
+    BIAS: tl.constexpr = 0.0 if KEEP_BIAS else 1024.0
     if INTERPRET:
-        lo = y.to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
-        hi = (y >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - 1024.0
+        lo = y.to(tl.uint16).to(tl.float16, bitcast=True) - BIAS
+        hi = (y >> 16).to(tl.uint16).to(tl.float16, bitcast=True) - BIAS
         codes = tl.join(lo, hi)
     else:  # one packed subtraction on the register that holds both lanes (the halves re-pack into y itself)
         halves = tl.join(y.to(tl.uint16), (y >> 16).to(tl.uint16))
         codes = tl.inline_asm_elementwise(
-            "{ .reg .b32 m; mov.b32 m, 0x64006400; sub.rn.f16x2 $0, $1, m; }",
+            "mov.b32 $0, $1;" if KEEP_BIAS else "{ .reg .b32 m; mov.b32 m, 0x64006400; sub.rn.f16x2 $0, $1, m; }",
             "=r,r", [halves], dtype=tl.float16, is_pure=True, pack=2,
         )  # fmt: skip
     return tl.reshape(codes, (words.shape[0], words.shape[1] * PER_WORD))

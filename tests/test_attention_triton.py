@@ -93,6 +93,7 @@ def test_decode_kernel_knobs_and_generic_kernel_agree():
     case = make_case(lq, past_lens=past, q_lens=q_lens, num_kv_heads=1, num_q_heads=8, dtype=torch.float16, seed=8)
     check(case, run(case, 2, None, prefetch=False))
     check(case, run(case, None, 64, generic=True))
+    check(case, run(case, None, None, key_code_bias=True))  # the +1024 of the key codes removed in the row bias
 
 
 def test_decode_launch_ignores_host_lengths():
