@@ -540,11 +540,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"quality-{Path(args.model).name}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".cmd.txt").write_text(shlex.join(["python", *sys.argv]) + "\n")
-    plot(result, stem.with_suffix(".png"))
-    print(f"wrote {stem.with_suffix('.json')}")
+    stem = f"quality-{Path(args.model).name}"  # not Path.with_suffix: model names hold dots (qwen2.5-...)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.cmd.txt").write_text(shlex.join(["python", *sys.argv]) + "\n")
+    plot(result, args.out / f"{stem}.png")
+    print(f"wrote {args.out / stem}.json")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ PLUGGED: tuple[tuple[str, str], ...] = (
 )
 
 MODEL_NAMES = ("smollm2", QWEN25_CODER.name, "llama3-8b")
-QUALITY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality.json"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 QUALITY_COLUMNS = ("method", "preset", "equivalent_bits", "true_bits", "nll", "ppl", "needle_acc", "needle", "windows")
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -275,11 +275,12 @@ def _run_report(args: argparse.Namespace) -> int:
     print("Capacity (xquant-vllm bits):")
     print(capacity_table(model_shape(str(folder)), list(PRESETS), {}, args.context, args.seqs, args.kv_gib))
     print()
-    table = quality_table(args.quality)
+    quality = args.quality or RESULTS / f"quality-{Path(args.model).name}.json"  # what benchmarks/quality.py writes
+    table = quality_table(quality)
     if table is None:
-        print(f"Quality: no readable rows in {args.quality} yet (the quality harness writes them).")
+        print(f"Quality: no readable rows in {quality} yet (benchmarks/quality.py --model {args.model} writes them).")
     else:
-        print(f"Quality ({args.quality}):")
+        print(f"Quality ({quality}):")
         print(table)
     return 0
 
@@ -298,8 +299,9 @@ def add_report(subparsers: argparse._SubParsersAction) -> None:
     _add_cache_dir(parser)
     _add_capacity_options(parser)
     parser.add_argument(
-        "--quality", type=Path, default=QUALITY_JSON,
-        help=f"quality results JSON to print (default {QUALITY_JSON}); skipped if absent",
+        "--quality", type=Path, default=None,
+        help=f"quality results JSON to print (default {RESULTS}/quality-MODEL.json, written by "
+             "benchmarks/quality.py --model MODEL); skipped if absent",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output while building the model")
     parser.set_defaults(run=_run_report)
