@@ -8,7 +8,7 @@ continuation positions.
 
 The reference side runs transformers with :class:`xquant_vllm.hf_cache.XQuantCache` over the same chunk
 boundaries: the first C tokens in one full-precision chunk, then chunks of C through the cache (the last one
-stops one token short: its logits would predict past the window). ``quality.json``'s figures use other chunks
+stops one token short: its logits would predict past the window). ``quality-MODEL.json``'s figures use other chunks
 (whole context in one chunk, continuation in chunks of 16); the NLL of those windows is shown next to them.
 
     python benchmarks/engine_quality.py                     # 8 windows of 1536+256 tokens, chunks of 128
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (the reference harness: windows, cache seeding, chunked feeding)
 
 RESULTS = quality.RESULTS
-# row name (as in quality.json) -> vLLM kv_cache_dtype; "model dtype" is vLLM's own bf16 cache
+# row name (as in quality-MODEL.json) -> vLLM kv_cache_dtype; "model dtype" is vLLM's own bf16 cache
 METHODS = {"model dtype": "auto", "kivi-2": "kivi-2", "asymkv-1.5": "asymkv-1.5", "xquant": "xquant", "xquant-paper": "xquant-paper",
            "xquant-max": "xquant-max"}  # fmt: skip
 
@@ -156,8 +156,8 @@ def run(args) -> dict[str, Any]:
             "equally valid implementations land apart per window, a noise floor for the engine's differences"
         ),
         "quality_json_nll_same_windows": (
-            "NLL of the same windows in quality.json (whole context in one chunk, continuation in chunks of its "
-            "score_chunk): another chunking, shown for orientation; null when quality.json has other windows"
+            "NLL of the same windows in quality-MODEL.json (whole context in one chunk, continuation in chunks of its "
+            "score_chunk): another chunking, shown for orientation; null when it has other windows"
         ),
         "rows": rows,
         "threads": args.threads,
@@ -165,9 +165,9 @@ def run(args) -> dict[str, Any]:
 
 
 def _harness_rows(args, model_dir: Path) -> dict[str, float]:
-    """quality.json's per-method NLL over the same windows, when it measured them (same model, context and
+    """benchmarks/quality.py's per-method NLL over the same windows, when it measured them (same model, context and
     continuation)."""
-    path = RESULTS / "quality.json"
+    path = RESULTS / f"quality-{Path(args.model).name}.json"  # as benchmarks/quality.py names it
     if not path.exists():
         return {}
     q = json.loads(path.read_text())
