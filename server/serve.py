@@ -10,6 +10,7 @@ series come from the plugin, as in any vLLM server.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
@@ -69,23 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     return top
 
 
-def apply_defaults(args: argparse.Namespace) -> None:
-    """Defaults that depend on other options: the model, its served name, the queue, CPU memory, middleware."""
+def apply_defaults(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Defaults that depend on other options: the model, its served name, the queue, CPU memory, middleware.
+
+    Returns what was chosen and why, for the start-up line (the bits and capacity follow from the plugin and the
+    ``xquant_kv_*`` stat logger once the engine has sized its cache)."""
     from vllm.platforms import current_platform
 
     from xquant_vllm.bundled import model_path
     from xquant_vllm.models import DEFAULT_MODEL, MODELS, get_model
+    from xquant_vllm.plugin import ENV_OVERRIDES
 
-    name = args.model_tag or (args.model if args.model != vllm_default_model() else None) or DEFAULT_MODEL
+    given = {arg.split("=")[0].replace("_", "-") for arg in argv if arg.startswith("--")}
+    chosen = []
+    named = args.model_tag or (args.model if args.model != vllm_default_model() else None)
+    name = named or DEFAULT_MODEL
     if name in MODELS:
         args.model_tag = args.model = str(model_path(name))
         args.served_model_name = args.served_model_name or [get_model(name).served_name]
+        chosen.append(f"model {name} ({'bundled, named' if named else 'the default: no MODEL given'})")
+    overrides = os.environ.get(ENV_OVERRIDES)
+    chosen.append(f"--kv-cache-dtype {args.kv_cache_dtype} ("
+                  + ("given" if "--kv-cache-dtype" in given else "the default")
+                  + (f", {ENV_OVERRIDES} overrides {overrides}" if overrides else f", {ENV_OVERRIDES} unset") + ")")
     if args.max_num_queued_reqs is None:
         args.max_num_queued_reqs = QUEUE_PER_SEQ * args.max_num_seqs
+        chosen.append(f"--max-num-queued-reqs {args.max_num_queued_reqs} ({QUEUE_PER_SEQ} x --max-num-seqs)")
     if current_platform.is_cpu() and args.kv_cache_memory_bytes is None and not os.environ.get(
             "VLLM_CPU_KVCACHE_SPACE"):
         args.kv_cache_memory_bytes = CPU_DEFAULT_KV_BYTES
+        chosen.append(f"--kv-cache-memory-bytes {CPU_DEFAULT_KV_BYTES >> 30}GiB (CPU, VLLM_CPU_KVCACHE_SPACE unset)")
     args.middleware = [*args.middleware, MIDDLEWARE]
+    return chosen
 
 
 def vllm_default_model() -> str:
@@ -100,9 +116,10 @@ def serve(argv: list[str]) -> int:
 
     vllm_compat.cli_env_setup()
     args = build_parser().parse_args(["serve", *argv])
-    apply_defaults(args)
+    chosen = apply_defaults(args, argv)
     command = vllm_compat.serve_subcommand()
     vllm_compat.configure_logging(args)
+    logging.getLogger("vllm.xquant").info("xquant-vllm serve: %s", "; ".join(chosen))
     try:
         command.validate(args)
         command.cmd(args)

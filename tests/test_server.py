@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,8 @@ from server_helpers import VLLM, Server, free_port, start
 from xquant_vllm.accounting import SMOLLM2, bits_report
 from xquant_vllm.bundled import SERVED_MODEL_NAME
 from xquant_vllm.config import make_config
+from xquant_vllm.models import DEFAULT_MODEL as SMOLLM2_NAME
+from xquant_vllm.plugin import ENV_OVERRIDES
 from xquant_vllm.tail import SLOT_MARGIN
 
 pytestmark = [pytest.mark.engine, pytest.mark.model]
@@ -100,6 +103,16 @@ def test_health_and_models(server: Server, client: openai.OpenAI) -> None:
     assert httpx.get(f"{server.url}/health").status_code == 200
     (card,) = client.models.list().data
     assert card.id == MODEL and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_start_up_lines_say_what_was_chosen_and_why(server: Server) -> None:
+    log = server.log.read_text()
+    (ours,) = [line for line in log.splitlines() if "xquant-vllm serve: " in line]
+    assert f"model {SMOLLM2_NAME} (the default: no MODEL given)" in ours
+    assert f"--kv-cache-dtype xquant (the default, {ENV_OVERRIDES} unset)" in ours
+    assert "xquant-vllm: preset=xquant " in log and "page bits" in log  # the plugin's: the preset and its bits
+    capacity = int(server.metric("xquant_kv_capacity_tokens"))
+    assert f"KV cache xquant holds {capacity} tokens in 0.25 GiB (--kv-cache-memory-bytes)" in log
 
 
 def test_completion_logprobs_and_echo(client: openai.OpenAI, tokenizer) -> None:
@@ -279,7 +292,10 @@ def test_disconnect_aborts_and_frees_blocks(server: Server, tokenizer) -> None:
     ran_out = server.metric("vllm:request_success_total", idle, finished_reason="length")
     with httpx.stream("POST", f"{server.url}{C}", json=body, headers=server.auth(), timeout=60) as r:
         assert r.status_code == 200
-        assert sum(1 for line, _ in zip(r.iter_lines(), range(10)) if line.startswith("data:")) >= 4
+        # Keep the line iterator: a dropped one closes the connection (httpcore closes on GeneratorExit), which
+        # is a disconnect, and the server would abort the request before the gauges below could see it.
+        lines = r.iter_lines()
+        assert sum(next(lines).startswith("data:") for _ in range(10)) >= 4
         during = wait_for(server, "blocks in use while the request runs",
                           lambda t: server.metric("xquant_kv_blocks_used", t) > 0)
         used = server.metric("xquant_kv_blocks_used", during)
@@ -359,6 +375,9 @@ def test_plain_vllm_serve_has_the_xquant_series(plain_vllm: Server) -> None:
     assert plain_vllm.metric("xquant_kv_cache_info", kv_cache_dtype="xquant") == 1
     assert plain_vllm.metric("xquant_kv_capacity_tokens") > 0 and plain_vllm.metric("xquant_kv_tail_slots") == 8
     assert plain_vllm.metric("vllm:kv_cache_usage_perc") == 0
+    log, capacity = plain_vllm.log.read_text(), int(plain_vllm.metric("xquant_kv_capacity_tokens"))
+    assert "xquant-vllm serve: " not in log  # the plugin's lines only
+    assert re.search(rf"KV cache xquant holds {capacity} tokens in [\d.]+ GiB \(VLLM_CPU_KVCACHE_SPACE\)", log)
 
 
 def test_what_only_xquant_vllm_serve_adds(server: Server, plain_vllm: Server) -> None:

