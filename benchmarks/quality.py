@@ -25,7 +25,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +309,8 @@ def run(args) -> dict[str, Any]:
     needles = make_needles(tok, texts, args.needle_lengths, args.needle_depths)
     wanted = args.methods or (QUICK_METHODS if args.quick else None)
     methods = [m for m in plan(shape.num_layers) if wanted is None or m.name in wanted]
+    if args.all_full:
+        methods = [replace(m, full=True) for m in methods]
     n_sweep = min(args.sweep_windows, args.windows)
 
     first = min(args.prefill_chunk or args.context, args.context - 1)
@@ -508,6 +510,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, default=6, help="greedy tokens generated for a needle answer")
     p.add_argument("--bits-context", type=int, default=1792, help="tokens per sequence at which true bits are computed")
     p.add_argument("--methods", nargs="*", default=None, help="run only these method names (default: all)")
+    p.add_argument(
+        "--all-full", action="store_true",
+        help="every selected method on all --windows and the needle test (default: sweep rows on --sweep-windows only)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared 2-core machine)")
     p.add_argument(
         "--quick", action="store_true", help="CI mode: 2 windows of 256+32 tokens, one short needle, 3 methods"
