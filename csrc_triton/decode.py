@@ -14,6 +14,14 @@ softmax over the pages of its slot (slot ``k`` sees pages ``j0 + k`` of every st
 the context), and the slots of a query head are merged by log-sum-exp after the loop. Values are dequantized
 in registers (``c * s + z``, one packed FMA per two codes) and multiplied by the block-diagonal ``p``.
 
+Key codes: by default (``KEY_SUBNORMAL``) a code field in the low byte of a 16-bit lane is read as the fp16
+subnormal ``c * 2^(o - 24)`` (``dequant.unpack_words_subnormal``: one LOP3 with an immediate mask per two codes,
+no fp16 bias and no subtraction) and each key column's score is multiplied by ``2^(24 - o)`` after the MMA;
+exact, since the products stay far inside fp32's range and the tensor cores keep fp16 subnormals. Knobs:
+the magic-number path (``KEY_SUBNORMAL = False``) and int8 codes times an int8-rounded query (``KEY_INT8``,
+measured slower: the int8 MMA wants channel-contiguous bytes, the pages hold token-contiguous codes, and
+Triton transposes the tile through shared memory; kernels_gpu_notes.md, run 6).
+
 The tail (``past % B`` full-precision rows) and the step's own token are attended by split 0, which therefore
 always has work; splits are merged by ``_combine_kernel`` (flash-decoding).
 
@@ -35,7 +43,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import group_params, load_value_rows, load_words, pair_order, unpack_words, value_tile
+from .dequant import (
+    group_params,
+    load_value_rows,
+    load_words,
+    pair_order,
+    quad_order,
+    subnormal_shift,
+    unpack_words,
+    unpack_words_int8,
+    unpack_words_subnormal,
+    value_tile,
+)
 
 LOG2E = 1.4426950408889634
 MIN_BLOCKS_PER_SPLIT = 8  # below this a split's fixed cost (query, tail, merge) outweighs the parallelism
@@ -43,6 +62,8 @@ PROGRAMS_PER_SM = 8  # the splits aim at this many programs per SM: enough to hi
 MAX_SPLITS = 64
 TILE_TOKENS = 128  # tokens per loop step (NB pages)
 MAX_TILE_ELEMENTS = 128 * 128  # tokens x head size of one step: the unpacked tiles live in registers
+KEY_SUBNORMAL = True  # launch_decode's default: key codes as fp16 subnormals (kernels_gpu_notes.md, run 6)
+KEY_INT8 = 0  # launch_decode's default key path (0 fp16 codes, 1 int8 x rounded int8 query, 2 with the residual)
 
 
 @triton.jit
@@ -223,6 +244,8 @@ def _decode_kernel(
     SUPER_OFF: tl.constexpr,
     PREFETCH: tl.constexpr,  # issue each step's loads one step ahead
     KEY_CODE_BIAS: tl.constexpr,  # keep fp16's +1024 in the key codes, remove it in the per-row bias
+    KEY_INT8: tl.constexpr,  # 0: fp16 key codes; 1: int8 codes x int8 query (rounded); 2: + the query's residual
+    KEY_SUBNORMAL: tl.constexpr,  # fp16 key codes as subnormals c * 2^(o - 24) (one LOP3 per two codes)
     DOT_F32: tl.constexpr,
 ):
     r = tl.program_id(0)
@@ -270,8 +293,13 @@ def _decode_kernel(
     N: tl.constexpr = NB * B
     n = tl.arange(0, N)
     tok_page = n // B
-    token_row = pair_order(n % B, K_PER_WORD)
+    if KEY_INT8:
+        token_row = quad_order(n % B, K_BITS)
+    else:
+        token_row = pair_order(n % B, K_PER_WORD)
     own_page = (tok_page[:, None] == row_slot[None, :]) & row_ok[None, :]  # [N, M]: a row scores its slot's page
+    if KEY_SUBNORMAL:  # 2^(24 - o) per key column, exact (built from the exponent bits)
+        col_scale = ((151 - subnormal_shift(n % K_PER_WORD, K_BITS, K_PER_WORD)) << 23).to(tl.float32, bitcast=True)
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
@@ -303,13 +331,31 @@ def _decode_kernel(
                 DTYPE,
             )  # fmt: skip
         k_scale, k_zero = group_params(ka, kb, klo, khi, K_BITS, key_eta, key_one_minus_2eta, META_BITS)  # [D, SL]
-        q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
         bias = tl.sum(tl.reshape(k_zero[:, :, None] * q_scaled[:, None, :], (D, M)), 0)  # [M]
-        if KEY_CODE_BIAS:  # codes are 1024 + c: one packed subtraction fewer per two key codes
-            bias -= 1024.0 * tl.sum(q_fold.to(tl.float32), 0)
-        codes = tl.trans(unpack_words(kw, K_BITS, K_PER_WORD, KEY_CODE_BIAS))  # [N, D] fp16
         ok = own_page & ((j0 + tok_page) < j_hi)[:, None]
-        s = tl.where(ok, tl.dot(codes, q_fold), float("-inf"))
+        if KEY_INT8:  # int8 codes [N, D] @ int8 query [D, M] -> int32, the query rounded per row to 127 steps
+            q_fold32 = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M))
+            amax = tl.max(tl.abs(q_fold32), 0)  # [M]
+            q_step = tl.where(amax > 0, amax * (1.0 / 127.0), 1.0)
+            x = q_fold32 / q_step[None, :]
+            q_hi = tl.where(x >= 0, x + 0.5, x - 0.5).to(tl.int32)  # round half away from zero, |q_hi| <= 127
+            codes8 = tl.trans(unpack_words_int8(kw, K_BITS))  # [N, D] int8, tokens in quad order
+            dot = tl.dot(codes8, q_hi.to(tl.int8), out_dtype=tl.int32).to(tl.float32)
+            if KEY_INT8 == 2:  # the rounding residual as a second int8 operand: 1/254 of a step
+                res = (x - q_hi.to(tl.float32)) * 254.0
+                q_lo = tl.where(res >= 0, res + 0.5, res - 0.5).to(tl.int32)
+                dot += tl.dot(codes8, q_lo.to(tl.int8), out_dtype=tl.int32).to(tl.float32) * (1.0 / 254.0)
+            s = tl.where(ok, dot * q_step[None, :], float("-inf"))
+        else:
+            q_fold = tl.reshape(k_scale[:, :, None] * q_scaled[:, None, :], (D, M)).to(tl.float16)
+            if KEY_CODE_BIAS:  # codes are 1024 + c: one packed subtraction fewer per two key codes
+                bias -= 1024.0 * tl.sum(q_fold.to(tl.float32), 0)
+            if KEY_SUBNORMAL:
+                codes = tl.trans(unpack_words_subnormal(kw, K_BITS, K_PER_WORD))  # [N, D] fp16 c * 2^(o - 24)
+                s = tl.where(ok, tl.dot(codes, q_fold) * col_scale[:, None], float("-inf"))
+            else:
+                codes = tl.trans(unpack_words(kw, K_BITS, K_PER_WORD, KEY_CODE_BIAS))  # [N, D] fp16
+                s = tl.where(ok, tl.dot(codes, q_fold), float("-inf"))
         p, alpha, m_i, l_i = _online_update(s, bias, m_i, l_i)
         v_t = tl.trans(value_tile(vw, va, vb, vlo, vhi, V_BITS, value_eta, value_one_minus_2eta, META_BITS))
         acc_t = acc_t * alpha[None, :] + tl.dot(v_t, p.to(tl.float16))
@@ -421,14 +467,26 @@ def launch_decode(
     max_registers: int | None = None,
     prefetch: bool = True,
     key_code_bias: bool = False,
+    key_int8: int | None = None,
+    key_subnormal: bool | None = None,
 ) -> None:
     """Launch the decode kernel (and the split merge). ``offsets``: the key and value code offsets in
     ``key_codes`` / ``value_codes`` pages; ``etas``: ``(eta, 1 - 2 eta)`` of keys and values. Shapes decide
     the grid, so the launch can be captured (module docstring). ``key_code_bias``: leave the magic-number
     conversion's +1024 in the key codes and subtract ``1024 * sum_d q_d`` from each row's score (fewer
-    instructions; the MMA's fp32 sums then carry a term ~1024x the score, so the score loses ~10 bits)."""
+    instructions; the MMA's fp32 sums then carry a term ~1024x the score, so the score loses ~10 bits).
+    ``key_subnormal`` (default :data:`KEY_SUBNORMAL`): unpack key codes as fp16 subnormals (exact; one LOP3 per
+    two codes) and scale the scores back per key column. ``key_int8`` (default :data:`KEY_INT8`): int8 key
+    codes times the page-scaled query rounded to int8 per stacked row (1: an approximation, 4e-3 to 7e-3
+    relative error in run 6's GPU checks; 2: plus the rounding residual as a second int8 MMA, as exact as the
+    fp16 path); both slower than the fp16 paths (kernels_gpu_notes.md, run 6); rows
+    of fewer than 32 bits fall back to the fp16 path. ``key_code_bias`` and ``key_int8`` override
+    ``key_subnormal``."""
     T, HQ, D = query.shape
     H = key.shape[1]
+    key_int8 = KEY_INT8 if key_int8 is None else key_int8
+    if key_int8 and layout.block * layout.k_bits < 32:  # a key row shorter than a word: the fp16 path
+        key_int8 = 0
     G = HQ // H
     GP = triton.next_power_of_2(G)
     R = plan.past_lens.shape[0]
@@ -492,7 +550,7 @@ def launch_decode(
         NB=NB,
         NV=layout.v_groups,
         K_BITS=layout.k_bits,
-        K_WORD_BITS=key_word_bits(B, layout.k_bits),
+        K_WORD_BITS=32 if key_int8 else key_word_bits(B, layout.k_bits),
         V_BITS=layout.v_bits,
         META_BITS=layout.meta_bits,
         KEY_CODES_OFF=offsets[0],
@@ -501,7 +559,10 @@ def launch_decode(
         VALUE_META_OFF=layout.v_meta_off,
         SUPER_OFF=max(layout.super_off, 0),
         PREFETCH=prefetch,
-        KEY_CODE_BIAS=key_code_bias,
+        KEY_CODE_BIAS=key_code_bias and not key_int8,
+        KEY_INT8=key_int8,
+        KEY_SUBNORMAL=bool(KEY_SUBNORMAL if key_subnormal is None else key_subnormal)
+        and not (key_int8 or key_code_bias),
         DOT_F32=query.device.type != "cuda",
         num_warps=num_warps or 4,
         **({"maxnreg": max_registers} if max_registers else {}),

@@ -82,6 +82,104 @@ def unpack_words(words, BITS: tl.constexpr, PER_WORD: tl.constexpr, KEEP_BIAS: t
 
 
 @triton.jit
+def _join_natural4(m0, m1, m2, m3):
+    """``[..., 4]`` holding ``m0 .. m3`` in that order (``tl.join`` adds the last axis, so pairs interleave)."""
+    return tl.join(tl.join(m0, m2), tl.join(m1, m3))
+
+
+@triton.jit
+def unpack_words_subnormal(words, BITS: tl.constexpr, PER_WORD: tl.constexpr):
+    """fp16 codes ``[R, W * PER_WORD]`` of packed words ``[R, W]`` in *pair order* (as :func:`unpack_words`), each
+    code ``c`` at position ``p`` returned as the fp16 **subnormal** ``c * 2^(o - 24)``, ``o`` =
+    :func:`subnormal_shift` ``(p)``: multiply a linear result of the codes (an MMA over them) by ``2^(24 - o)``.
+
+    A field of ``BITS`` bits inside the low byte of a 16-bit lane *is* an fp16 subnormal once the other bits are
+    cleared, so one LOP3 with an immediate mask gives two codes (the two lanes); the fields of each lane's high
+    byte come from ``words >> 8`` (one shift per word). No fp16 bias, no subtraction, and no second constant that
+    the register allocator re-materializes. Exact: ``c * 2^(o - 24)`` is representable, and a product with an
+    fp16 factor stays far inside fp32's normal range. The MMA must not flush fp16 subnormals (Hopper's
+    tensor cores do not; the GPU checks cover it).
+    """
+    HALF: tl.constexpr = PER_WORD // 2
+    K8: tl.constexpr = min(8 // BITS, HALF)  # codes of a lane in its low byte
+    M: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    x = words
+    if PER_WORD * BITS == 16:  # a 16-bit row (1-bit keys, 16-token block): move its upper byte to bit 16
+        x = (x & 0xFF) | ((x & 0xFF00) << 8)
+    if HALF > K8:
+        x = tl.join(x, x >> 8)  # [R, W, 2]: the lanes' low bytes, then their high bytes
+    if K8 == 1:
+        y = x & M
+    elif K8 == 2:
+        y = tl.join(x & M, x & (M << BITS))
+    elif K8 == 4:
+        y = _join_natural4(x & M, x & (M << BITS), x & (M << 2 * BITS), x & (M << 3 * BITS))
+    else:  # 1-bit codes, eight per byte
+        y = tl.join(
+            _join_natural4(x & M, x & (M << 2), x & (M << 4), x & (M << 6)),
+            _join_natural4(x & (M << 1), x & (M << 3), x & (M << 5), x & (M << 7)),
+        )
+    y = tl.reshape(y, (words.shape[0], words.shape[1] * HALF))
+    if INTERPRET:
+        lo = y.to(tl.uint16).to(tl.float16, bitcast=True)
+        codes = tl.join(lo, (y >> 16).to(tl.uint16).to(tl.float16, bitcast=True))
+    else:  # the register already holds both fp16 lanes: a move hands it over
+        halves = tl.join(y.to(tl.uint16), (y >> 16).to(tl.uint16))
+        codes = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [halves], dtype=tl.float16, is_pure=True, pack=2)
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * PER_WORD))
+
+
+@triton.jit
+def subnormal_shift(p, BITS: tl.constexpr, PER_WORD: tl.constexpr):
+    """Bit offset ``o`` of the code at pair-order position ``p`` inside its fp16 lane
+    (:func:`unpack_words_subnormal`)."""
+    K8: tl.constexpr = min(8 // BITS, PER_WORD // 2)
+    return BITS * (((p % PER_WORD) // 2) % K8)
+
+
+@triton.jit
+def unpack_words_int8(words, BITS: tl.constexpr):
+    """int8 codes ``[R, W * 32 / BITS]`` of packed uint32 words ``[R, W]``, in *quad order*
+    (:func:`quad_order`): four codes per instruction pair.
+
+    ``(w >> BITS * i) & (mask * 0x01010101)`` (one shift, one LOP3) leaves four codes in the four bytes of one
+    register, byte ``j`` holding code ``j * 8 / BITS + i``, already int8 (codes are below 16). An inline-asm
+    move with ``pack=4`` hands the register to Triton as four int8 lanes without re-packing. The interpreter
+    (no PTX) extracts the bytes in plain Triton, same order, same values.
+    """
+    SHIFTS: tl.constexpr = 8 // BITS  # registers per word
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x01010101
+    x = words
+    if SHIFTS >= 8:
+        x = tl.join(x, x >> (4 * BITS))
+    if SHIFTS >= 4:
+        x = tl.join(x, x >> (2 * BITS))
+    if SHIFTS >= 2:
+        x = tl.join(x, x >> BITS)
+    # x [R, W, 2, ...]: the outermost join took the largest shift, so flat index i holds shift BITS * i.
+    y = tl.reshape(x, (words.shape[0], words.shape[1] * SHIFTS)) & MASK
+    y4 = tl.join(tl.join(y, y), tl.join(y, y))  # [R, W * SHIFTS, 2, 2]: four copies, one per byte
+    y4 = tl.reshape(y4, (words.shape[0], words.shape[1] * SHIFTS * 4))
+    if INTERPRET:
+        byte = (tl.arange(0, words.shape[1] * SHIFTS * 4) % 4).to(tl.uint32)
+        codes = ((y4 >> (byte * 8)[None, :]) & 0xFF).to(tl.int8)
+    else:
+        codes = tl.inline_asm_elementwise(
+            "mov.b32 $0, $1;", "=r,r,r,r,r", [y4], dtype=tl.int8, is_pure=True, pack=4,
+        )  # fmt: skip
+    return codes
+
+
+@triton.jit
+def quad_order(p, BITS: tl.constexpr):
+    """Index of the code that :func:`unpack_words_int8` puts at position ``p`` of a word's ``32 / BITS``."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    SHIFTS: tl.constexpr = 8 // BITS
+    q = p % PER_WORD
+    return p - q + (q % 4) * SHIFTS + q // 4  # position q: register q // 4, byte q % 4
+
+
+@triton.jit
 def pair_order(p, PER_WORD: tl.constexpr):
     """Index of the code that :func:`unpack_words` puts at position ``p`` (pairs ``k``, ``k + PER_WORD / 2``)."""
     q = p % PER_WORD
