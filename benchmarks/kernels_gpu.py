@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -143,6 +144,17 @@ def attention_cases() -> list[tuple[str, KernelCase, tuple[int | None, int | Non
     return cases
 
 
+# Decode key paths checked besides the default (label, decode-module settings, tolerance; None: the dtype's).
+# int8 x int8 with the query rounded to 127 steps per row is an approximation: its own bound
+# (tests/test_decode_variants.py).
+# The default (subnormal keys) runs in every check above; the int8 knobs on the first three decode cases.
+KEY_PATH_CHECKS = [
+    ("keys fp16 + bias", dict(subnormal=False, int8=0), None, 6),
+    ("keys int8, query int8", dict(int8=1), 1e-2, 3),
+    ("keys int8, query int8 + residual", dict(int8=2), None, 3),
+]
+
+
 def run_checks() -> list[dict]:
     results = []
     for name, case, (splits, tile) in attention_cases():
@@ -171,6 +183,17 @@ def run_checks() -> list[dict]:
             err = rel_err(out, case.expected_attention())
             results.append(dict(kernel="paged_attention (decode, key code bias)", case=name, rel_err=err,
                                 ok=bool(err < TOL[case.dtype])))  # fmt: skip
+    for label, path, tol, n_cases in KEY_PATH_CHECKS:
+        decode_cases = [c for c in attention_cases() if max(c[1].q_lens) <= 1]
+        for name, case, (splits, tile) in decode_cases[:n_cases]:
+            ref = case.expected_attention()
+            dcase = on_device(case, DEV)
+            out = dcase.poisoned_out()
+            with key_path_set(**path):
+                attention.paged_attention_triton(*dcase.attention_args(out), num_splits=splits, tile_tokens=tile)
+            err = rel_err(out, ref)
+            results.append(dict(kernel=f"paged_attention (decode, {label})", case=name, rel_err=err,
+                                tol=tol or TOL[case.dtype], ok=bool(err < (tol or TOL[case.dtype]))))  # fmt: skip
     results.append(check_graph_replay())
     # the public dispatcher picks Triton on CUDA
     name, case, _ = attention_cases()[0]
@@ -415,7 +438,29 @@ def time_quant_kind(
     regs: int | None = None,
     prefetch: bool = True,
     key_code_bias: bool = False,
+    key_path: dict | None = None,
 ) -> tuple[float, int]:
+    """One layer kind's decode time and bytes read; ``key_path`` sets ``decode.KEY_SUBNORMAL`` / ``KEY_INT8`` for
+    this timing only (module defaults, read at launch)."""
+    with key_path_set(**(key_path or {})):
+        return _time_quant_kind(db, lq, rep_ms, splits, tile, warps, generic, regs, prefetch, key_code_bias)
+
+
+@contextlib.contextmanager
+def key_path_set(subnormal: bool | None = None, int8: int | None = None):
+    """Temporarily set the decode kernel's key path (``None`` keeps the module default)."""
+    saved = decode_mod.KEY_SUBNORMAL, decode_mod.KEY_INT8
+    if subnormal is not None:
+        decode_mod.KEY_SUBNORMAL = subnormal
+    if int8 is not None:
+        decode_mod.KEY_INT8 = int8
+    try:
+        yield
+    finally:
+        decode_mod.KEY_SUBNORMAL, decode_mod.KEY_INT8 = saved
+
+
+def _time_quant_kind(db, lq, rep_ms, splits, tile, warps, generic, regs, prefetch, key_code_bias):
     H, dt = db.shape.num_kv_heads, db.shape.dtype
     layout = page_layout(lq, dt)
     pages = random_pages(layout, db.num_blocks, H, dt)
@@ -601,32 +646,41 @@ def time_targets(args, copy_gbs: float) -> list[dict]:
 
 
 def decode_sweep(args, copy_gbs: float) -> list[dict]:
-    """The decode kernel's launch knobs (tokens per step x warps x splits x register cap x where the key codes'
-    fp16 bias goes) for the ``xquant`` preset's two layer kinds (keys 2-bit, values 2- or 1-bit, block 64, 8-bit
-    metadata) at Llama-3-8B, 32 x 32k (what the defaults should be)."""
+    """The decode kernel's key paths (fp16 codes with the +1024 bias subtracted; fp16 subnormal codes; int8 codes
+    times an int8 query, with or without its residual) and a 168-register cap (3 programs per SM) at Llama-3-8B,
+    32 x 32k, on four layer kinds: the ``xquant`` preset's two (keys 2-bit, values 2/1-bit, block 64, 8-bit
+    metadata) and a 2-bit and a 1-bit layer of block 32 with 16-bit metadata (the notes' earlier runs)."""
     shape, hq = MODELS["llama3-8b"]
     batch, ctx = (32, 32768) if DEV == "cuda" else (2, 256)
-    db = DecodeBatch(shape, hq, batch, ctx, 64)
-    layers = (("k2v1", layer_pair(2, 1, head_size=128, block=64, v_group=64, meta_bits=8)[0]),
-              ("k2v2", layer_pair(2, 2, head_size=128, block=64, v_group=64, meta_bits=8)[0]))  # fmt: skip
-    auto = decode_mod.decode_splits(batch, shape.num_kv_heads, db.plan.block_table.shape[1], torch.device(DEV))
-    points = [(128, 4, None, auto, True, bias) for bias in (False, True)]
-    points += [(64, 4, None, auto, True, True), (128, 4, None, 2 * auto, True, True), (64, 4, 128, auto, True, True)]
+    dbs = {B: DecodeBatch(shape, hq, batch, ctx, B) for B in (32, 64)}
+    layers = (("k2v1 B64 meta8", layer_pair(2, 1, head_size=128, block=64, v_group=64, meta_bits=8)[0]),
+              ("k2v2 B64 meta8", layer_pair(2, 2, head_size=128, block=64, v_group=64, meta_bits=8)[0]),
+              ("2-bit B32 meta16", layer_pair(2, 2, head_size=128, block=32, v_group=32)[0]),
+              ("1-bit B32 meta16", layer_pair(1, 1, head_size=128, block=32, v_group=32)[0]))  # fmt: skip
+    points = [  # label, key path, register cap
+        ("fp16+bias", dict(subnormal=False, int8=0), None),
+        ("subnormal", dict(subnormal=True, int8=0), None),
+        ("subnormal, 168 regs", dict(subnormal=True, int8=0), 168),
+        ("int8", dict(int8=1), None),
+        ("int8+residual", dict(int8=2), None),
+        ("fp16+bias again", dict(subnormal=False, int8=0), None),  # run-to-run spread
+    ]
     rows = []
     for name, lq in layers:
-        for tile, warps, regs, splits, prefetch, bias in points:
-            ms, read = time_quant_kind(
-                db, lq, args.rep_ms, splits=splits, tile=tile, warps=warps, regs=regs, prefetch=prefetch,
-                key_code_bias=bias,
-            )  # fmt: skip
+        db = dbs[lq.k_group]
+        auto = decode_mod.decode_splits(batch, shape.num_kv_heads, db.plan.block_table.shape[1], torch.device(DEV))
+        for label, path, regs in points:
+            ms, read = time_quant_kind(db, lq, args.rep_ms, regs=regs, key_path=path)
             gbs = read / ms / 1e6
             rows.append(
-                dict(layer=name, tile_tokens=tile, num_warps=warps, max_registers=regs, splits=splits,
-                     prefetch=prefetch, key_code_bias=bias, auto_splits=auto, ms=ms, gbs=gbs,
+                dict(layer=name, key_path=label, tile_tokens=128, num_warps=4, max_registers=regs, splits=auto,
+                     prefetch=True, key_code_bias=False, auto_splits=auto, ms=ms, gbs=gbs,
                      frac_copy_bw=gbs / copy_gbs)
             )  # fmt: skip
-            log(f"sweep {name} tile={tile} warps={warps} regs={regs} splits={splits} prefetch={prefetch} "
-                f"key_code_bias={bias}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
+            log(f"sweep {name} {label} regs={regs}: {ms * 1e3:.1f} us {gbs:.0f} GB/s")
+    bf16_ms, _ = time_bf16_paged(dbs[32], args.rep_ms)
+    rows.append(dict(layer="bf16 paged B32", key_path="-", ms=bf16_ms))
+    log(f"sweep bf16 paged (same sweep): {bf16_ms * 1e3:.1f} us")
     return rows
 
 
@@ -709,13 +763,15 @@ def profile_one(args) -> None:
     """One launch each of a 2-bit and a 1-bit xquant layer and of the bf16 baseline (run under ``ncu``)."""
     shape, hq = MODELS["llama3-8b"]
     db = DecodeBatch(shape, hq, args.batches[0], args.contexts[-1], 32)
-    for bits in ((2, 2), (1, 1)):  # a 2-bit and a 1-bit layer, block 32
+    for bits in ((2, 2), (1, 1)):  # a 2-bit and a 1-bit layer, block 32: the fp16-bias path, then subnormal keys
         lq = layer_pair(*bits, head_size=shape.head_size, block=32, v_group=32)[0]
         layout = page_layout(lq, shape.dtype)
         pages = random_pages(layout, db.num_blocks, shape.num_kv_heads, shape.dtype)
-        attention.paged_attention_triton(
-            db.query, db.key, db.value, pages, db.tail_k, db.tail_v, db.plan, lq, layout, db.scale, db.out
-        )
+        for subnormal in (False, True):
+            with key_path_set(subnormal=subnormal, int8=0):
+                attention.paged_attention_triton(
+                    db.query, db.key, db.value, pages, db.tail_k, db.tail_v, db.plan, lq, layout, db.scale, db.out
+                )
         del pages
     k_cache = torch.randn(db.num_blocks, shape.num_kv_heads, 32, shape.head_size, device=DEV, dtype=shape.dtype)
     attention.paged_attention_fp_triton(
@@ -927,12 +983,10 @@ def main() -> None:
     if args.targets and isinstance(result.get("decode"), list):
         sweep = result.get("decode_sweep")
         if isinstance(sweep, list) and sweep:
-            for layer in sorted({r["layer"] for r in sweep}):
-                best = min((r for r in sweep if r["layer"] == layer), key=lambda r: r["ms"])
-                log(f"sweep best {layer}: tile={best['tile_tokens']} warps={best['num_warps']} "
-                    f"regs={best['max_registers']} splits={best['splits']} (auto {best['auto_splits']}) "
-                    f"prefetch={best['prefetch']} key_code_bias={best.get('key_code_bias')}: "
-                    f"{best['ms'] * 1e3:.1f} us")  # fmt: skip
+            bf16 = next((r["ms"] for r in sweep if r["layer"].startswith("bf16")), None)
+            for r in sweep:
+                vs = f" = {bf16 / r['ms']:.2f}x bf16" if bf16 and not r["layer"].startswith("bf16") else ""
+                print(f"sweep {r['layer']:18s} {r['key_path']:20s} {r['ms'] * 1e3:8.1f} us{vs}")
         for line in lines:
             print(line)
         for r in result.get("prefill") or []:
