@@ -9,8 +9,10 @@
 // metadata stores s_cal, z_cal; 8-bit metadata is decoded and calibrated per page as the reference does).
 // The tail and the chunk are read at full precision. Softmax is online, in base 2, fp32 throughout.
 //
-// Vectors are GCC vector extensions of 16 floats (one AVX-512 register; the compiler splits them elsewhere);
-// the few places where an instruction matters (1-bit unpack, fp16 conversion) use AVX-512 when compiled for it.
+// Vectors are GCC vector extensions of one machine register: 16 floats where the build has AVX-512, else 8
+// (AVX2; a wider generic vector than the target's registers is split through the stack, ~10x slower). The
+// register tiles of the two products are sized to the register file (32 zmm, or 16 ymm). The few places where
+// an instruction matters (1-bit unpack, fp16 conversion) use AVX-512 or F16C intrinsics when compiled for them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -28,14 +30,22 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int L = 16;     // lanes of a vector
+constexpr int SC_NC = 4;  // score tile: 4 rows x SC_NC vectors of keys
+constexpr int PV_R = 4;   // value tile: PV_R rows x 4 vectors of channels
+#else
+constexpr int L = 8;
+constexpr int SC_NC = 2;
+constexpr int PV_R = 2;
+#endif
 constexpr int CHUNK = 64; // chunk tokens per tile
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint32_t vu __attribute__((vector_size(4 * L)));
+typedef uint16_t vh __attribute__((vector_size(2 * L)));
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -76,6 +86,8 @@ template <> inline vf ld16<c10::BFloat16>(const c10::BFloat16* p) {
 template <> inline vf ld16<c10::Half>(const c10::Half* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   vf v; for (int i = 0; i < L; ++i) v[i] = static_cast<float>(p[i]); return v;
 #endif
@@ -92,6 +104,8 @@ template <> inline void st16<c10::BFloat16>(c10::BFloat16* p, vf v) {
 template <> inline void st16<c10::Half>(c10::Half* p, vf v) {
 #if defined(__AVX512F__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
   for (int i = 0; i < L; ++i) p[i] = c10::Half(v[i]);
 #endif
@@ -99,35 +113,38 @@ template <> inline void st16<c10::Half>(c10::Half* p, vf v) {
 
 // ---- codes ---------------------------------------------------------------------------------------------------
 
-// 16 consecutive codes of a row (LSB first) as fp32; p points at the byte holding the first one.
-template <int BITS> inline vf unpack16(const uint8_t* p);
-template <> inline vf unpack16<1>(const uint8_t* p) {
-  uint16_t w; std::memcpy(&w, p, 2);
+// L consecutive codes of a row (LSB first) as fp32; p points at the byte holding the first one.
+template <int BITS> inline vf unpackv(const uint8_t* p);
 #if defined(__AVX512F__)
+template <> inline vf unpackv<1>(const uint8_t* p) {
+  uint16_t w; std::memcpy(&w, p, 2);
   return (vf)_mm512_maskz_mov_ps(static_cast<__mmask16>(w), _mm512_set1_ps(1.f));
-#else
-  const vu sh = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return __builtin_convertvector((vi)(((vu{} + (uint32_t)w) >> sh) & 1u), vf);
-#endif
 }
-template <> inline vf unpack16<2>(const uint8_t* p) {
+template <> inline vf unpackv<2>(const uint8_t* p) {
   uint32_t w; std::memcpy(&w, p, 4);
   const vu sh = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
   return __builtin_convertvector((vi)(((vu{} + w) >> sh) & 3u), vf);
 }
-template <> inline vf unpack16<4>(const uint8_t* p) {
+template <> inline vf unpackv<4>(const uint8_t* p) {
   uint32_t w[2]; std::memcpy(w, p, 8);
   const vi hi = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
   const vu sh = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
   vu x = hi ? (vu{} + w[1]) : (vu{} + w[0]);
   return __builtin_convertvector((vi)((x >> sh) & 15u), vf);
 }
+#else
+template <int BITS> inline vf unpackv(const uint8_t* p) {  // 8 codes: 1, 2 or 4 bytes
+  uint32_t w = 0; std::memcpy(&w, p, BITS);
+  const vu sh = {0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS};
+  return __builtin_convertvector((vi)(((vu{} + w) >> sh) & ((1u << BITS) - 1u)), vf);
+}
+#endif
 
-// rows x (n16 * 16) codes -> dst (row stride ld floats).
+// rows x (nv * L) codes -> dst (row stride ld floats).
 template <int BITS>
-void unpack_rows(const uint8_t* src, int rows, int row_bytes, int n16, float* dst, int ld) {
+void unpack_rows(const uint8_t* src, int rows, int row_bytes, int nv, float* dst, int ld) {
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < n16; ++c) st(dst + r * ld + c * L, unpack16<BITS>(src + r * row_bytes + c * 2 * BITS));
+    for (int c = 0; c < nv; ++c) st(dst + r * ld + c * L, unpackv<BITS>(src + r * row_bytes + c * L * BITS / 8));
 }
 using UnpackFn = void (*)(const uint8_t*, int, int, int, float*, int);
 UnpackFn unpacker(int bits) {
@@ -187,19 +204,19 @@ inline void scores_block(const float* X, int ldx, const float* bias, const float
 template <int R>
 inline void scores_rows(int nc, const float* X, int ldx, const float* bias, const float* Kt, int64_t ldk, int D,
                         float* S, int lds) {
-  switch (nc) {
-    case 1: return scores_block<R, 1>(X, ldx, bias, Kt, ldk, D, S, lds);
-    case 2: return scores_block<R, 2>(X, ldx, bias, Kt, ldk, D, S, lds);
-    case 3: return scores_block<R, 3>(X, ldx, bias, Kt, ldk, D, S, lds);
-    default: return scores_block<R, 4>(X, ldx, bias, Kt, ldk, D, S, lds);
+  if constexpr (SC_NC >= 4) {
+    if (nc >= 4) return scores_block<R, 4>(X, ldx, bias, Kt, ldk, D, S, lds);
+    if (nc == 3) return scores_block<R, 3>(X, ldx, bias, Kt, ldk, D, S, lds);
   }
+  if (nc >= 2) return scores_block<R, 2>(X, ldx, bias, Kt, ldk, D, S, lds);
+  return scores_block<R, 1>(X, ldx, bias, Kt, ldk, D, S, lds);
 }
 
-// S[M][W] (W a multiple of 16) = bias + X[M][D] . Kt[D][W].
+// S[M][W] (W a multiple of L) = bias + X[M][D] . Kt[D][W].
 void scores(int M, int W, const float* X, int ldx, const float* bias, const float* Kt, int64_t ldk, int D, float* S,
             int lds) {
-  for (int c0 = 0; c0 < W; c0 += 4 * L) {
-    const int nc = std::min(4, (W - c0) / L);
+  for (int c0 = 0; c0 < W; c0 += SC_NC * L) {
+    const int nc = std::min(SC_NC, (W - c0) / L);
     for (int m0 = 0; m0 < M; m0 += 4) {
       const float* x = X + m0 * ldx;
       const float* b = bias ? bias + m0 : nullptr;
@@ -215,7 +232,7 @@ void scores(int M, int W, const float* X, int ldx, const float* bias, const floa
 }
 
 // acc[m][:] += sum_{t<n} w[m][g][t] V[t][:], where channel vector k belongs to group g = k / vpg; GPC distinct
-// groups per 4 vectors (64 channels).
+// groups per 4 vectors (4 * L channels).
 template <int R, int GPC>
 inline void pv_block(const float* w, int ldw_m, int ldw_g, int vpg, const float* V, int64_t ldv, int n, int D,
                      float* acc, int lda) {
@@ -244,15 +261,16 @@ inline void pv_block(const float* w, int ldw_m, int ldw_g, int vpg, const float*
 template <int GPC>
 void pv_gpc(int M, const float* w, int ldw_m, int ldw_g, int vpg, const float* V, int64_t ldv, int n, int D,
             float* acc, int lda) {
-  for (int m0 = 0; m0 < M; m0 += 4) {
+  for (int m0 = 0; m0 < M; m0 += PV_R) {
     const float* ww = w + m0 * ldw_m;
     float* a = acc + m0 * lda;
-    switch (std::min(4, M - m0)) {
-      case 1: pv_block<1, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); break;
-      case 2: pv_block<2, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); break;
-      case 3: pv_block<3, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); break;
-      default: pv_block<4, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); break;
+    const int r = std::min(PV_R, M - m0);
+    if constexpr (PV_R >= 4) {
+      if (r >= 4) { pv_block<4, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); continue; }
+      if (r == 3) { pv_block<3, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda); continue; }
     }
+    if (r >= 2) pv_block<2, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda);
+    else pv_block<1, GPC>(ww, ldw_m, ldw_g, vpg, V, ldv, n, D, a, lda);
   }
 }
 
