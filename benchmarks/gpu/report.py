@@ -74,20 +74,29 @@ def quality(cap: dict[str, Any]) -> dict[str, Any]:
             "chunk": meta["chunk"], "rows": rows}  # fmt: skip
 
 
-def throughput(path: Path) -> dict[str, Any]:
+WORKLOAD = ("requests", "mix", "prompt_len", "output_len", "kv_cache_memory_bytes", "max_num_seqs", "enforce_eager")
+
+
+def throughput(path: Path, reference: Path | None = None) -> dict[str, Any]:
+    """One run's rows; ``vs auto``/``vs fp8`` against ``reference`` (another run of the same workload) where this
+    run has no such row."""
     data = json.loads(path.read_text())
     rows = {k: r for k, r in data["rows"].items() if r.get("ok")}
-    auto, fp8 = rows.get("auto", {}).get("output_tokens_per_s"), rows.get("fp8", {}).get("output_tokens_per_s")
+    ref = {k: r for k, r in json.loads(reference.read_text())["rows"].items() if r.get("ok")} if reference else {}
+    auto = (rows.get("auto") or ref.get("auto") or {}).get("output_tokens_per_s")
+    fp8 = (rows.get("fp8") or ref.get("fp8") or {}).get("output_tokens_per_s")
     out = {}
     for dtype in (d for d in ORDER if d in rows):
         r = rows[dtype]
         out[dtype] = {k: r[k] for k in ("output_tokens_per_s", "requests_per_s", "total_tokens_per_s", "batch_mean",
                                         "batch_max", "preemptions", "kv_cache_tokens", "seconds_total")}  # fmt: skip
         out[dtype]["cudagraph_mode"] = r.get("cudagraph_mode")
+        out[dtype]["triton_compiles_timed"] = r.get("triton_compiles_timed")  # None: not counted (older runs)
         out[dtype]["x_auto"] = r["output_tokens_per_s"] / auto if auto else None
         out[dtype]["x_fp8"] = r["output_tokens_per_s"] / fp8 if fp8 else None
-    keys = ("requests", "mix", "prompt_len", "output_len", "kv_cache_memory_bytes", "max_num_seqs", "enforce_eager")
-    return {**{k: data[k] for k in keys}, "rows": out}
+    borrowed = [d for d in ("auto", "fp8") if d not in rows and d in ref]
+    return {**{k: data[k] for k in WORKLOAD}, "warmup_requests": data.get("warmup_requests"), "rows": out,
+            "reference": {"file": reference.name, "dtypes": borrowed} if borrowed else None}  # fmt: skip
 
 
 def profile() -> dict[str, Any]:
@@ -202,23 +211,42 @@ def tables(s: dict[str, Any]) -> str:
 
 
 def throughput_table(key: str, run: dict[str, Any]) -> list[str]:
-    lines = ["", f"Throughput `{key}`: {run['requests']} requests, {run['mix']}, eager={run['enforce_eager']}", "",
-             "| kv_cache_dtype | output tok/s | req/s | vs auto | vs fp8 | batch mean / max | preemptions | graphs |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    warm = run.get("warmup_requests")
+    warm_text = f"untimed warm-up of {warm} requests of the same lengths first" if warm else "only a tiny warm-up (4 x 512 tokens + 8): JIT compiles may fall inside the timed run"
+    lines = ["", f"Throughput `{key}`: {run['requests']} requests, {run['mix']}, eager={run['enforce_eager']}, {warm_text}", "",
+             "| kv_cache_dtype | output tok/s | req/s | vs auto | vs fp8 | batch mean / max | preemptions | graphs | Triton compiles timed |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]  # fmt: skip
+    if run.get("reference"):
+        ref = run["reference"]
+        lines.insert(2, f"(no {'/'.join(ref['dtypes'])} row in this run: vs {'/'.join(ref['dtypes'])} against `{ref['file']}`, "
+                        "another run of the same workload)")  # fmt: skip
     for d, r in run["rows"].items():
         xa = f"{r['x_auto']:.2f}x" if r["x_auto"] else "-"
         xf = f"{r['x_fp8']:.2f}x" if r["x_fp8"] else "-"
         mode = (r.get("cudagraph_mode") or "-").removeprefix("CUDAGraphMode.")
+        jit = "-" if r.get("triton_compiles_timed") is None else r["triton_compiles_timed"]
         lines.append(f"| `{d}` | {r['output_tokens_per_s']:,.0f} | {r['requests_per_s']:.2f} | {xa} | {xf} | "
-                     f"{r['batch_mean']:.0f} / {r['batch_max']} | {r['preemptions']:.0f} | {mode} |")  # fmt: skip
+                     f"{r['batch_mean']:.0f} / {r['batch_max']} | {r['preemptions']:.0f} | {mode} | {jit} |")  # fmt: skip
     return lines
 
 
 def throughput_only(folder: Path) -> str:
     """The tables of every throughput JSON in ``folder``: a run with no capacity or quality suites (the H200's)."""
     lines = []
-    for path in sorted(folder.glob("throughput-*.json")):
-        lines += throughput_table(path.stem, throughput(path))
+    paths = sorted(folder.glob("throughput-*.json"))
+    for path in paths:
+        data = json.loads(path.read_text())
+        have = {k for k, r in data["rows"].items() if r.get("ok")}
+        reference = None
+        if not {"auto", "fp8"} <= have:  # another run of the same workload that has them
+            same = [q for q in paths if q != path and all(json.loads(q.read_text()).get(k) == data.get(k) for k in WORKLOAD)]
+            same = [q for q in same if {"auto", "fp8"} & {k for k, r in json.loads(q.read_text())["rows"].items() if r.get("ok")}]
+            def rank(q: Path) -> tuple[int, int]:  # the most of auto/fp8, then a warmed-up run
+                d = json.loads(q.read_text())
+                return len({"auto", "fp8"} & {k for k, r in d["rows"].items() if r.get("ok")}), d.get("warmup_requests") or 0
+
+            reference = max(same, key=rank) if same else None
+        lines += throughput_table(path.stem, throughput(path, reference))
     return "\n".join(lines) + "\n"
 
 

@@ -332,66 +332,148 @@ def suite_quality(args) -> dict[str, Any]:
             "chunk": args.chunk, "rows": rows}  # fmt: skip
 
 
-def workload(args) -> list[tuple[list[int], int]]:
-    """(prompt ids, output length) per request; seeded, so every dtype gets the same load."""
-    rng = random.Random(0)
+def workload(args, requests: int | None = None, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request; seeded, so every dtype gets the same load.
+
+    ``requests`` defaults to the first ``--requests``; the first ``n`` requests of a fixed mix are the same for any
+    larger count. Another ``seed`` gives the same lengths (fixed mix) with other token ids: the warm-up's load.
+    """
+    rng = random.Random(seed)
+    n_req = requests if requests is not None else args.requests[0]
     vocab = SHAPES[args.shape]["vocab_size"] if args.shape else 32000
     if args.mix == "long":  # a long-context mix: prompts of 4k to 12k tokens
-        lengths = [rng.randint(4096, 12288) for _ in range(args.requests)]
+        lengths = [rng.randint(4096, 12288) for _ in range(n_req)]
     else:
-        lengths = [args.prompt_len] * args.requests
+        lengths = [args.prompt_len] * n_req
     return [([rng.randrange(100, vocab - 100) for _ in range(n)], args.output_len) for n in lengths]
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one folder per compiled variant): its growth over a timed window counts
+    the JIT compiles inside it (a variant already on disk loads without one)."""
+    folder = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    try:
+        return len(os.listdir(folder))
+    except OSError:
+        return 0
+
+
+def throughput_name(args, shape: str, requests: int) -> str:
+    """``throughput-<shape>-<mix>``; with several ``--requests`` the count follows the mix; then ``-<tag>``."""
+    name = f"throughput-{shape}-{args.mix}{requests if len(args.requests) > 1 else ''}"
+    return f"{name}-{args.tag}" if args.tag else name
+
+
 def suite_throughput(args, shape: str) -> dict[str, Any]:
-    """Offline generation of the whole workload per dtype, same engine settings, same fixed KV memory."""
+    """Offline generation of each workload per dtype, same engine settings, same fixed KV memory.
+
+    One engine per dtype runs, in order: a tiny warm-up, ``--warmup-requests`` requests of the workload's lengths
+    with other token ids (untimed: Triton's JIT compiles and vLLM's lazy set-up stay out of the timed windows), then
+    each ``--requests`` workload timed, the prefix cache reset before each (no request's prompt is cached from an
+    earlier run). Each finished workload row is written at once into ``--out`` (``"partial": true``), so a run cut
+    off by the call's limit keeps what it measured. Returns ``{requests: suite result}``.
+    """
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
 
     model, common = model_args(args, shape)
-    load = workload(args)
-    longest = max(len(p) for p, _ in load) + args.output_len
+    loads = {n: workload(args, n) for n in args.requests}
+    longest = max(len(p) for load in loads.values() for p, _ in load) + args.output_len
     engine_kw = dict(common, max_model_len=max(longest, 4096), kv_cache_memory_bytes=args.kv_bytes,
                      disable_log_stats=False, enforce_eager=args.eager)  # fmt: skip
+    warm_load = workload(args, args.warmup_requests, seed=1) if args.warmup_requests else []
+
+    def header(n: int) -> dict[str, Any]:
+        return {"model": shape, "requests": n, "mix": args.mix, "prompt_len": args.prompt_len,
+                "output_len": args.output_len, "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
+                "enforce_eager": args.eager, "warmup_requests": args.warmup_requests}  # fmt: skip
+
+    def save(n: int, dtype: str, row: dict[str, Any], partial: bool) -> None:
+        path = args.out / f"{throughput_name(args, shape, n)}.json"
+        data = json.loads(path.read_text()) if path.is_file() else {**header(n), "rows": {}}
+        data["rows"][dtype] = row
+        data["partial"] = partial
+        path.write_text(json.dumps(data, indent=1) + "\n")
+
+    def generate(engine_, load, prefix: str) -> tuple[list[int], int, int, float | None, float]:
+        for i, (ids, out_len) in enumerate(load):
+            sp = SamplingParams(max_tokens=out_len, min_tokens=out_len, ignore_eos=True, temperature=0.0,
+                                detokenize=False, output_kind=RequestOutputKind.DELTA)  # fmt: skip
+            engine_.add_request(f"{prefix}{i}", TokensPrompt(prompt_token_ids=ids), sp)
+        batches, out_tokens, done, first_done = [], 0, 0, None
+        start = time.perf_counter()
+        while engine_.has_unfinished_requests():
+            step = engine_.step()
+            growing = [o for o in step if o.outputs and o.outputs[0].token_ids]
+            if growing:
+                batches.append(len(growing))
+                out_tokens += sum(len(o.outputs[0].token_ids) for o in growing)
+            done += sum(o.finished for o in step)
+            if done and first_done is None:
+                first_done = time.perf_counter() - start
+        return batches, out_tokens, done, first_done, time.perf_counter() - start
 
     def measure(dtype: str) -> dict[str, Any]:
+        runs: dict[int, dict[str, Any]] = {}
         with engine(model, dtype, **engine_kw) as (llm, tap):
             cap = engine_capacity(llm, tap)
             warm = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
-            llm.generate([TokensPrompt(prompt_token_ids=load[0][0][:512])] * 4, warm, use_tqdm=False)
-            base = metric(llm, "vllm:num_preemptions")
+            llm.generate([TokensPrompt(prompt_token_ids=warm_load[0][0][:512] if warm_load else [7] * 512)] * 4, warm,
+                         use_tqdm=False)  # fmt: skip
             engine_ = llm.llm_engine
-            for i, (ids, out_len) in enumerate(load):
-                sp = SamplingParams(max_tokens=out_len, min_tokens=out_len, ignore_eos=True, temperature=0.0,
-                                    detokenize=False, output_kind=RequestOutputKind.DELTA)  # fmt: skip
-                engine_.add_request(str(i), TokensPrompt(prompt_token_ids=ids), sp)
-            batches, out_tokens, done, first_done = [], 0, 0, None
-            start = time.perf_counter()
-            while engine_.has_unfinished_requests():
-                step = engine_.step()
-                growing = [o for o in step if o.outputs and o.outputs[0].token_ids]
-                if growing:
-                    batches.append(len(growing))
-                    out_tokens += sum(len(o.outputs[0].token_ids) for o in growing)
-                done += sum(o.finished for o in step)
-                if done and first_done is None:
-                    first_done = time.perf_counter() - start
-            seconds = time.perf_counter() - start
-            preempted = metric(llm, "vllm:num_preemptions") - base
-        expected = sum(n for _, n in load)
-        if out_tokens != expected or done != len(load):
-            raise RuntimeError(f"{dtype}: {done}/{len(load)} requests and {out_tokens}/{expected} tokens came back")
-        return {"seconds_total": round(seconds, 2), "output_tokens_per_s": out_tokens / seconds,
-                "requests_per_s": len(load) / seconds, "total_tokens_per_s": (out_tokens + sum(len(p) for p, _ in load)) / seconds,
-                "batch_max": max(batches), "batch_mean": sum(batches) / len(batches),
-                "batch_p50": sorted(batches)[len(batches) // 2], "steps": len(batches), "preemptions": preempted,
-                "first_finish_s": first_done, **cap}  # fmt: skip
+            warmup: dict[str, Any] = {"requests": len(warm_load)}
+            if warm_load:
+                t0, c0 = time.perf_counter(), triton_cache_entries()
+                _, tokens, done, _, _ = generate(engine_, warm_load, "w")
+                warmup.update(seconds=round(time.perf_counter() - t0, 2), output_tokens=tokens, finished=done,
+                              triton_compiles=triton_cache_entries() - c0)  # fmt: skip
+                print(f"   {dtype} warm-up: {json.dumps(warmup)}", flush=True)
+            for k, (n, load) in enumerate(loads.items()):
+                if k and dtype not in (args.full_dtypes or args.dtypes):
+                    continue
+                if k and time.perf_counter() > DEADLINE[0]:
+                    runs[n] = {"ok": False, "error": "skipped: the run's --budget-s was spent before this workload"}
+                    print(f"   {dtype} {n} requests: skipped (--budget-s spent)", flush=True)
+                    continue
+                try:
+                    reset = llm.reset_prefix_cache()
+                    base = {m: metric(llm, m) for m in ("vllm:num_preemptions", "vllm:prefix_cache_hits")}
+                    c0 = triton_cache_entries()
+                    batches, out_tokens, done, first_done, seconds = generate(engine_, load, f"r{n}-")
+                    compiles = triton_cache_entries() - c0
+                    delta = {m: metric(llm, m) - v for m, v in base.items()}
+                    expected = sum(o for _, o in load)
+                    if out_tokens != expected or done != len(load):
+                        raise RuntimeError(f"{dtype}: {done}/{len(load)} requests and {out_tokens}/{expected} tokens came back")
+                    row = {"seconds_total": round(seconds, 2), "output_tokens_per_s": out_tokens / seconds,
+                           "requests_per_s": len(load) / seconds,
+                           "total_tokens_per_s": (out_tokens + sum(len(p) for p, _ in load)) / seconds,
+                           "batch_max": max(batches), "batch_mean": sum(batches) / len(batches),
+                           "batch_p50": sorted(batches)[len(batches) // 2], "steps": len(batches),
+                           "preemptions": delta["vllm:num_preemptions"], "first_finish_s": first_done,
+                           "triton_compiles_timed": compiles, "prefix_cache_hit_tokens": delta["vllm:prefix_cache_hits"],
+                           "prefix_cache_reset": reset, "warmup": warmup, **cap, "ok": True}  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 (recorded; the engine's later workloads still run)
+                    traceback.print_exc()
+                    row = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                runs[n] = row
+                save(n, dtype, row, partial=True)
+                print(f"   {dtype} {n} requests: {json.dumps(row)[:600]}", flush=True)
+        return {str(n): row for n, row in runs.items()}
 
-    rows = {dtype: attempt(f"throughput {dtype}", measure, dtype) for dtype in args.dtypes}
-    return {"model": shape, "requests": len(load), "mix": args.mix, "prompt_len": args.prompt_len,
-            "output_len": args.output_len, "kv_cache_memory_bytes": args.kv_bytes, "max_num_seqs": args.max_num_seqs,
-            "enforce_eager": args.eager, "rows": rows}  # fmt: skip
+    per_dtype = {dtype: attempt(f"throughput {dtype}", measure, dtype) for dtype in args.dtypes}
+    results = {}
+    for n in args.requests:
+        rows = {}
+        for dtype, got in per_dtype.items():
+            if str(n) in got:
+                rows[dtype] = got[str(n)]
+            elif not got.get("ok"):  # the engine itself failed (or was skipped): its error, for every workload
+                rows[dtype] = {k: v for k, v in got.items() if k in ("ok", "error")}
+        results[n] = {**header(n), "engine_seconds": {d: got.get("seconds") for d, got in per_dtype.items()},
+                      "rows": rows}  # fmt: skip
+    return results
 
 
 KERNEL_KINDS = (  # (category, substrings of CUDA kernel names), first match wins
@@ -523,13 +605,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--continuation", type=int, default=256, help="quality: scored tokens per window")
     p.add_argument("--chunk", type=int, default=128, help="quality: chunked-prefill chunk (max_num_batched_tokens)")
     p.add_argument("--smoke-tokens", type=int, default=64, help="smoke: greedy tokens per prompt")
-    p.add_argument("--requests", type=int, default=256, help="throughput: number of requests")
+    p.add_argument("--requests", type=int, nargs="+", default=[256],
+                   help="throughput: number of requests; several: one workload each, in order, in the same engine")
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="throughput: untimed warm-up of this many requests of the same lengths (other token ids)")
+    p.add_argument("--full-dtypes", nargs="+",
+                   help="throughput: the dtypes that run every --requests workload (default: all); the others run the first")
+    p.add_argument("--tag", help="throughput: suffix of the JSON names (throughput-<shape>-<mix>[N]-<tag>.json)")
     p.add_argument("--prompt-len", type=int, default=2048, help="throughput: prompt tokens (fixed mix)")
     p.add_argument("--output-len", type=int, default=256, help="throughput: output tokens per request")
     p.add_argument("--mix", choices=["fixed", "long"], default="fixed", help="throughput: fixed lengths or 4k-12k prompts")
     p.add_argument("--eager", action="store_true", help="throughput: enforce_eager (default: vLLM's compiled graphs)")
     p.add_argument("--profile-steps", type=int, default=20, help="profile: decode steps profiled")
-    p.add_argument("--budget-s", type=float, help="start no new engine after this many seconds (the GPU call's limit)")
+    p.add_argument("--budget-s", type=float, help="start no new engine (nor a later throughput workload) after this many seconds")
     args = p.parse_args(argv)
     if {"throughput", "profile"} & set(args.suite) and (not args.shape or not args.kv_bytes or not args.dtypes):
         p.error("--suite throughput/profile need --shape, --kv-bytes and --dtypes")
@@ -550,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
         DEADLINE[0] = time.perf_counter() + args.budget_s
     facts = device_facts()  # imports vLLM once, here: every engine's process inherits it
     print(json.dumps(facts), flush=True)
+    start = time.perf_counter()
+
+    def write(result: dict[str, Any], name: str) -> None:
+        result.update(device=facts, seconds=round(time.perf_counter() - start, 1), argv=sys.argv[1:], partial=False)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out / name}.json in {result['seconds']} s", flush=True)
+
     for suite in args.suite:
         start = time.perf_counter()
         if suite == "smoke":
@@ -561,10 +656,10 @@ def main(argv: list[str] | None = None) -> int:
         elif suite == "profile":
             result, name = suite_profile(args, args.shape), f"profile-{args.shape}"
         else:
-            result, name = suite_throughput(args, args.shape), f"throughput-{args.shape}-{args.mix}"
-        result.update(device=facts, seconds=round(time.perf_counter() - start, 1), argv=sys.argv[1:])
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.out / name}.json in {result['seconds']} s", flush=True)
+            for n, result in suite_throughput(args, args.shape).items():
+                write(result, throughput_name(args, args.shape, n))
+            continue
+        write(result, name)
     return 0
 
 
