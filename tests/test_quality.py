@@ -106,8 +106,8 @@ def test_quick_run_writes_valid_json(tmp_path, model, request):
     needle = model == "smollm2"  # Qwen runs without the needle test: the path that divided by zero
     cmd += [] if needle else ["--needle-lengths"]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=900, capture_output=True)
-    stem = tmp_path / f"quality-{model}"
-    result = json.loads(stem.with_suffix(".json").read_text())
+    stem = f"quality-{model}"  # the model's whole name: qwen2.5-... holds a dot
+    result = json.loads((tmp_path / f"{stem}.json").read_text())
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == set(quality.QUICK_METHODS)
     for r in rows.values():
@@ -117,5 +117,5 @@ def test_quick_run_writes_valid_json(tmp_path, model, request):
     assert rows["model dtype"]["true_bits"] == 16
     assert rows["xquant"]["true_bits"] < rows["kivi-2"]["true_bits"] < 16
     assert rows["xquant"]["equivalent_bits"] < rows["kivi-2"]["equivalent_bits"] == 2
-    assert stem.with_suffix(".png").stat().st_size > 0
-    assert "--quick" in stem.with_suffix(".cmd.txt").read_text()
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+    assert "--quick" in (tmp_path / f"{stem}.cmd.txt").read_text()
